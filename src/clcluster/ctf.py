@@ -1,0 +1,111 @@
+"""The contrast transfer function as RELION computes it, batched, NumPy or CuPy.
+
+Units: defocus U/V in Å (positive = underfocus), astigmatism angle in degrees, voltage in kV,
+spherical aberration Cs in mm, amplitude contrast as a fraction, phase shift in degrees,
+B-factor in Å². Values live on the rFFT grid (box, box//2+1), unshifted layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .backend import get_array_module
+from .imageops import fourier_filter, freq_grid
+
+CTF_LABELS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
+              "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+
+def electron_wavelength(voltage_kv):
+    """Relativistic electron wavelength in Å for an acceleration voltage in kV."""
+    v = np.asarray(voltage_kv, dtype=np.float64) * 1e3
+    return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
+
+
+@dataclasses.dataclass
+class CTFParams:
+    """Per-particle CTF parameters; every field is an array of length n (or a scalar)."""
+
+    defocus_u: np.ndarray
+    defocus_v: np.ndarray
+    defocus_angle: np.ndarray
+    voltage: np.ndarray = 300.0
+    cs: np.ndarray = 2.7
+    amplitude_contrast: np.ndarray = 0.1
+    phase_shift: np.ndarray = 0.0
+    bfactor: np.ndarray = 0.0
+
+    def __len__(self):
+        return np.atleast_1d(self.defocus_u).shape[0]
+
+    def subset(self, rows) -> "CTFParams":
+        return CTFParams(**{f.name: np.broadcast_to(np.asarray(getattr(self, f.name), dtype=np.float64), (len(self),))[rows]
+                            for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_table(cls, table) -> "CTFParams":
+        """CTF parameters of each particle of a ParticleTable (optics values merged in).
+
+        Raises ParticleFileError naming the missing columns."""
+        from .io.star import ParticleFileError
+
+        missing = [c for c in CTF_LABELS if table.column(c) is None]
+        if missing:
+            raise ParticleFileError(
+                f"{table.path}: CTF correction is on but the particles lack {', '.join('_' + m for m in missing)}; "
+                "add them or set preprocess.ctf: none")
+        n = len(table)
+        get = lambda label, default: np.asarray(table.column(label, default), dtype=np.float64).reshape(n)
+        return cls(get("rlnDefocusU", None), get("rlnDefocusV", None), get("rlnDefocusAngle", None),
+                   get("rlnVoltage", None), get("rlnSphericalAberration", None), get("rlnAmplitudeContrast", None),
+                   get("rlnPhaseShift", 0.0), get("rlnCtfBfactor", 0.0))
+
+
+def ctf_2d(params: CTFParams, box: int, apix: float, xp=np, rfft: bool = True):
+    """CTF values (n, box, box//2+1) (or (n, box, box) with rfft=False) for n particles.
+
+    RELION's definition (ctf.h): CTF = -sin(chi) * exp(-B s^2 / 4) with
+    chi = pi*lambda*df*s^2 + pi/2*Cs*lambda^3*s^4 - phase_shift - atan(Q0/sqrt(1-Q0^2)),
+    where df = -(U+V)/2 - (U-V)/2*cos(2(azimuth - angle)) (negative for underfocus), so the
+    CTF equals Q0 at s = 0 and is positive at low frequency."""
+    n = len(params)
+    as_col = lambda v: xp.asarray(np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)).astype(np.float32)).reshape(n, 1, 1)
+    lam = as_col(electron_wavelength(np.broadcast_to(params.voltage, (n,))))
+    cs = as_col(np.asarray(params.cs, dtype=np.float64) * 1e7)
+    q0 = np.clip(np.asarray(params.amplitude_contrast, dtype=np.float64), 0, 0.999999)
+    k3 = as_col(np.arctan(q0 / np.sqrt(1 - q0 ** 2)))
+    k5 = as_col(np.deg2rad(np.asarray(params.phase_shift, dtype=np.float64)))
+    du, dv = as_col(params.defocus_u), as_col(params.defocus_v)
+    ang = as_col(np.deg2rad(np.asarray(params.defocus_angle, dtype=np.float64)))
+    bf = as_col(params.bfactor)
+    fy, fx = freq_grid(box, apix, xp, rfft=rfft)
+    s2 = (fx ** 2 + fy ** 2)[None]
+    azimuth = xp.arctan2(fy, fx)[None]
+    # RELION: deltaf = -(avg + dev*cos(2(azimuth - angle))) with U/V positive for underfocus
+    deltaf = -(0.5 * (du + dv) + 0.5 * (du - dv) * xp.cos(2 * (azimuth - ang)))
+    arg = np.pi * lam * deltaf * s2 + (np.pi / 2) * cs * lam ** 3 * s2 ** 2 - k5 - k3
+    ctf = -xp.sin(arg)
+    if np.any(np.asarray(params.bfactor) != 0):
+        ctf = ctf * xp.exp(-bf / 4.0 * s2)
+    return ctf.astype(xp.float32)
+
+
+def apply_ctf(images, params: CTFParams, apix: float):
+    """Convolve images (n, D, D) with their CTF (multiply in Fourier space)."""
+    xp = get_array_module(images)
+    return fourier_filter(images, ctf_2d(params, images.shape[-1], apix, xp))
+
+
+def phase_flip(images, params: CTFParams, apix: float):
+    """Multiply each image's Fourier transform by the sign of its CTF."""
+    xp = get_array_module(images)
+    return fourier_filter(images, xp.sign(ctf_2d(params, images.shape[-1], apix, xp)))
+
+
+def wiener_filter(images, params: CTFParams, apix: float, snr: float = 0.1):
+    """Per-image Wiener filter CTF / (CTF^2 + 1/snr): corrects phases and boosts, with damping
+    set by the assumed spectral SNR, the attenuated amplitudes."""
+    xp = get_array_module(images)
+    c = ctf_2d(params, images.shape[-1], apix, xp)
+    return fourier_filter(images, c / (c * c + 1.0 / snr))

@@ -1,0 +1,1 @@
+"""File I/O: STAR (via starfile), MRC stacks (via mrcfile), atomic writes."""
