@@ -5,10 +5,24 @@ leading underscore, as `starfile` gives them), the optics block when there is on
 3.1+), and the names of the blocks, so that what is written keeps the input's flavour,
 every column and the optics block. Indices inside the package are 0-based; `_rlnImageName`
 is `index@stack` with a 1-based index.
+
+Reading is `starfile` after a light line scan of the text (`_scan_star`) that refuses
+what `starfile` would silently misread (rows with too few or too many values, repeated
+labels, labels after data rows, two loops in one block) and cleans what it stumbles on
+(byte-order mark, `stop_` lines, comments or blank lines between labels, empty `data_`
+blocks, repeated block names, key-value blocks). Files written by RELION 1.x-5.x,
+cryoDRGN, pyem, Scipion, Warp and hand-edited variants are read; anything else is refused
+with a `ParticleFileError` that names the file and says why.
+
+Units: pixel size in Å/px (RELION <= 3.0: `_rlnDetectorPixelSize` [µm] * 1e4 /
+`_rlnMagnification`), defocus in Å, angles in degrees, voltage in kV, Cs in mm.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +44,8 @@ class ParticleTable:
     optics: the optics groups (RELION 3.1+), or None for the 3.0 flavour.
     path: the STAR file it came from (stack paths are relative to its folder).
     root: optional project root that stack paths are resolved against first.
+    particles_block / optics_block: block names in the source file ("" for `data_`).
+    version: the `# version NNNNN` number of the source file, if it had one.
     """
 
     particles: pd.DataFrame
@@ -38,6 +54,7 @@ class ParticleTable:
     root: Path | None = None
     particles_block: str = "particles"
     optics_block: str = "optics"
+    version: int | None = None
 
     @property
     def flavour(self) -> str:
@@ -80,13 +97,20 @@ class ParticleTable:
             raise ParticleFileError(
                 f"{self.path}: {len(self.optics)} optics groups but the particles have no _rlnOpticsGroup column")
         numbers = self.optics["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in self.optics else np.arange(1, len(self.optics) + 1)
-        lookup = {int(n): i for i, n in enumerate(numbers)}
+        try:
+            lookup = {int(n): i for i, n in enumerate(numbers)}
+        except (TypeError, ValueError):
+            raise ParticleFileError(f"{self.path}: optics block has non-integer _rlnOpticsGroup values "
+                                    f"{list(numbers)}") from None
+        if len(lookup) != len(numbers):
+            raise ParticleFileError(f"{self.path}: optics block defines the same _rlnOpticsGroup twice "
+                                    f"({list(numbers)})")
         groups = self.particles["rlnOpticsGroup"].to_numpy()
         rows = np.empty(len(groups), dtype=int)
         for i, g in enumerate(groups):
             try:
                 rows[i] = lookup[int(g)]
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, TypeError):
                 raise ParticleFileError(
                     f"{self.path}: particle row {i + 1} ({self.image_name(i)}) names optics group {g}, "
                     f"which the optics block does not define (groups {sorted(lookup)})") from None
@@ -103,13 +127,25 @@ class ParticleTable:
         for label in ("rlnImagePixelSize", "rlnPixelSize"):
             v = self.column(label)
             if v is not None:
-                return v.astype(np.float64)
+                return _as_float(v, label, self.path)
         det, mag = self.column("rlnDetectorPixelSize"), self.column("rlnMagnification")
         if det is not None and mag is not None:
-            return det.astype(np.float64) * 1e4 / mag.astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return _as_float(det, "rlnDetectorPixelSize", self.path) * 1e4 / _as_float(mag, "rlnMagnification", self.path)
+        if det is not None:
+            d = np.unique(_as_float(det, "rlnDetectorPixelSize", self.path))
+            raise ParticleFileError(
+                f"{self.path}: _rlnDetectorPixelSize ({', '.join(f'{x:g}' for x in d[:3])} µm) without "
+                "_rlnMagnification: the pixel size is undefined (Scipion writes such files with an implied "
+                f"magnification of 10000, i.e. {d[0]:g} Å/px); add a _rlnMagnification column or an optics "
+                "block with _rlnImagePixelSize")
+        hint = ""
+        if self.optics is None and "rlnOpticsGroup" in self.particles.columns:
+            hint = (" The particles carry _rlnOpticsGroup (RELION 3.1 style) but the file has no data_optics "
+                    "block, which is where RELION 3.1+ keeps the pixel size, voltage, Cs and amplitude contrast.")
         raise ParticleFileError(
             f"{self.path}: no pixel size anywhere (need _rlnImagePixelSize in the optics block, "
-            "_rlnPixelSize, or _rlnDetectorPixelSize with _rlnMagnification)")
+            f"_rlnPixelSize, or _rlnDetectorPixelSize with _rlnMagnification).{hint}")
 
     # ---- image references ---------------------------------------------------------------
     def image_refs(self) -> tuple[list[Path], np.ndarray]:
@@ -136,11 +172,21 @@ class ParticleTable:
         return self.folder / p
 
 
+def _as_float(values, label, path) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ParticleFileError(f"{path}: _{label} holds non-numeric values "
+                                f"(e.g. {list(pd.unique(np.asarray(values, dtype=object)))[:3]})") from None
+
+
 def parse_image_name(name: str, star_path=None, row: int = 0) -> tuple[int, str]:
     """Split `index@stack` (1-based index) into (0-based index, stack). A name without `@`
     is a single-image file (index 0)."""
-    name = name.strip()
+    name = str(name).strip()
     if "@" not in name:
+        if not name or name.lower() in ("nan", "<na>"):
+            raise ParticleFileError(f"{star_path}: particle row {row + 1}: _rlnImageName is empty")
         return 0, name
     idx, stack = name.split("@", 1)
     try:
@@ -149,7 +195,206 @@ def parse_image_name(name: str, star_path=None, row: int = 0) -> tuple[int, str]
         raise ParticleFileError(f"{star_path}: particle row {row + 1}: _rlnImageName {name!r} has a non-integer index") from None
     if i < 1:
         raise ParticleFileError(f"{star_path}: particle row {row + 1}: _rlnImageName {name!r} has index {i}; indices are 1-based")
-    return i - 1, stack
+    if not stack.strip():
+        raise ParticleFileError(f"{star_path}: particle row {row + 1}: _rlnImageName {name!r} names no stack file")
+    return i - 1, stack.strip()
+
+
+# ---- reading -----------------------------------------------------------------------------
+
+# Labels whose values are names, never numbers: keep them as text ("0003" stays "0003").
+STRING_LABELS = [
+    "rlnImageName", "rlnImageOriginalName", "rlnMicrographName", "rlnMicrographOriginalName",
+    "rlnMicrographMovieName", "rlnMicrographMetadata", "rlnOpticsGroupName", "rlnMtfFileName",
+    "rlnCtfImage", "rlnCtfPowerSpectrum", "rlnGroupName", "rlnParticleName", "rlnOriginalParticleName",
+    "rlnReferenceImage", "rlnOddZernike", "rlnEvenZernike", "rlnTomoName", "rlnTomoParticleName",
+    "rlnMicrographNameNoDW",
+]
+
+_TOKEN = re.compile(r'"[^"]*"|\'[^\']*\'|#|[^\s#"\']+')  # as pandas splits: '#' anywhere starts a comment
+_VERSION = re.compile(r"^#\s*version\s+(\d+)")
+
+
+@dataclasses.dataclass
+class _Block:
+    name: str
+    kind: str = "empty"          # "loop", "simple" or "empty"
+    labels: list = dataclasses.field(default_factory=list)
+    nrows: int = 0
+    first_line: int = 0
+
+
+def _tokens(line: str) -> int:
+    """Number of values on a data row (quoted strings count as one; `#` starts a comment)."""
+    if '"' not in line and "'" not in line and "#" not in line:
+        return len(line.split())
+    n = 0
+    for m in _TOKEN.finditer(line):
+        if m.group(0) == "#":
+            break
+        n += 1
+    return n
+
+
+def _scan_star(text: str, path) -> tuple[str, list[_Block], int | None, bool]:
+    """Check the structure of STAR text line by line and clean what `starfile` misreads.
+
+    Returns (clean text, blocks, `# version` number, whether the text was changed).
+    Raises ParticleFileError for rows whose number of values differs from the number of
+    labels, labels repeated within a loop, labels after data rows, two loops in one block."""
+    changed = False
+    if text.startswith("\ufeff"):
+        text, changed = text[1:], True
+    lines = text.splitlines()
+    out: list[str] = []
+    blocks: list[_Block] = []
+    names: dict[str, int] = {}
+    version = None
+    block: _Block | None = None
+    state = "outside"             # outside | block | header | rows | simple
+    simple_lines: list[tuple[str, str]] = []
+    block_start = 0               # index in `out` where the current block starts
+
+    def close_block():
+        nonlocal changed
+        if block is None:
+            return
+        if block.kind == "empty":         # `data_x` with nothing after it: starfile would pair it
+            del out[block_start:]         # with the next block's loop
+            blocks.pop()
+            changed = True
+        elif block.kind == "simple":      # key-value block: starfile's shlex split breaks on some
+            del out[block_start:]         # values; keep it only if it is a single particle
+            changed = True
+            if any(k == "_rlnImageName" for k, _ in simple_lines):
+                out.append(f"data_{block.name}")
+                out.append("loop_")
+                out.extend(k for k, _ in simple_lines)
+                out.append(" ".join(v for _, v in simple_lines))
+                block.kind, block.nrows = "loop", 1
+                block.labels = [k[1:] for k, _ in simple_lines]
+
+    for lineno, raw in enumerate(lines, 1):
+        s = raw.strip()
+        if s.startswith("data_"):
+            close_block()
+            name = s[5:].split()[0] if s[5:].split() else ""
+            if name in names:                      # starfile would keep only the last one
+                names[name] += 1
+                new = f"{name}__{names[name]}"
+                raw, changed = f"data_{new}", True
+                name = new
+            else:
+                names[name] = 1
+            if s != f"data_{name}":
+                raw, changed = f"data_{name}", True
+            block = _Block(name, first_line=lineno)
+            blocks.append(block)
+            block_start = len(out)
+            simple_lines = []
+            state = "block"
+            out.append(raw)
+            continue
+        if s == "stop_":
+            changed = True
+            if state in ("rows", "header"):
+                state = "block"
+            continue
+        if s.startswith("#"):
+            if version is None:
+                m = _VERSION.match(s)
+                if m:
+                    version = int(m.group(1))
+            if state == "header" or (state == "rows" and block.nrows == 0):
+                changed = True                     # comment between labels ends starfile's header;
+                continue                           # a loop of comments only breaks pandas
+            out.append(raw)
+            continue
+        if not s:
+            if state == "header":
+                changed = True
+                continue
+            out.append(raw)
+            continue
+        if state == "outside":
+            out.append(raw)                        # text before the first data_: starfile ignores it
+            continue
+        if s.startswith("loop_"):
+            if block.kind == "loop":
+                raise ParticleFileError(f"{path}: line {lineno}: a second loop_ inside data_{block.name}; "
+                                        "a RELION STAR file has one loop per data block")
+            if block.kind == "simple":
+                raise ParticleFileError(f"{path}: line {lineno}: loop_ after key-value items in data_{block.name}")
+            block.kind = "loop"
+            state = "header"
+            out.append(raw)
+            continue
+        if state == "header" and s.startswith("_"):
+            label = s.split()[0][1:]
+            if label in block.labels:
+                raise ParticleFileError(f"{path}: line {lineno}: label _{label} appears twice in data_{block.name}")
+            block.labels.append(label)
+            out.append(raw)
+            continue
+        if state in ("header", "rows"):
+            if state == "header" and not block.labels:
+                raise ParticleFileError(f"{path}: line {lineno}: loop_ in data_{block.name} has no labels")
+            if s.startswith("_"):
+                raise ParticleFileError(f"{path}: line {lineno}: label {s.split()[0]} after the data rows of "
+                                        f"data_{block.name}")
+            state = "rows"
+            n = _tokens(s)
+            if n != len(block.labels):
+                raise ParticleFileError(
+                    f"{path}: line {lineno}: {n} values for the {len(block.labels)} labels of data_{block.name} "
+                    "(truncated or corrupt file, or a value with spaces that is not quoted?)")
+            block.nrows += 1
+            out.append(raw)
+            continue
+        if state == "simple" and not s.startswith("_"):
+            out.append(raw)                        # continuation of a key-value block (dropped below)
+            continue
+        if s.startswith("_"):                      # key-value item
+            if block.kind == "loop":
+                raise ParticleFileError(f"{path}: line {lineno}: key-value item after a loop in data_{block.name}")
+            block.kind = "simple"
+            state = "simple"
+            parts = s.split(None, 1)
+            simple_lines.append((parts[0], parts[1] if len(parts) > 1 else '""'))
+            out.append(raw)
+            continue
+        raise ParticleFileError(f"{path}: line {lineno}: unexpected text {s[:40]!r} in data_{block.name}")
+    close_block()
+    if changed:
+        text = "\n".join(out) + "\n"
+    return text, blocks, version, changed
+
+
+def _describe(blocks: list[_Block]) -> str:
+    if not blocks:
+        return "no data_ blocks"
+    parts = []
+    for b in blocks[:6]:
+        what = f"{b.nrows} rows, labels {', '.join('_' + l for l in b.labels[:3])}{', …' if len(b.labels) > 3 else ''}" \
+            if b.kind == "loop" else "key-value items"
+        parts.append(f"data_{b.name} ({what})")
+    return "blocks: " + "; ".join(parts) + (" …" if len(blocks) > 6 else "")
+
+
+def _not_particles_hint(text_head: str, blocks: list[_Block]) -> str:
+    names = {b.name for b in blocks}
+    labels = {l for b in blocks for l in b.labels}
+    if "XMIPP_STAR" in text_head or (labels and not any(l.startswith("rln") for l in labels)):
+        return "its labels lack RELION's rln prefix (Xmipp/Scipion or other non-RELION metadata)"
+    if "model_general" in names or "model_classes" in names:
+        return "it is a RELION model file (*_model.star); pass the *_data.star of the same run"
+    if "optimiser_general" in names:
+        return "it is a RELION optimiser file (*_optimiser.star); pass the *_data.star of the same run"
+    if "general" in names and "fsc" in names:
+        return "it is a RELION postprocess file, not a particle file"
+    if blocks and all(b.kind == "loop" and b.nrows == 0 for b in blocks):
+        return "its only loops are empty and have no _rlnImageName label"
+    return "no data block has an _rlnImageName column"
 
 
 def _is_particles(df) -> bool:
@@ -162,36 +407,137 @@ def _is_optics(df) -> bool:
 
 
 def read_star(path, root=None) -> ParticleTable:
-    """Read a RELION 3.1+ (optics + particles) or 3.0 (particles only) STAR file."""
+    """Read a RELION 3.1+ (optics + particles) or 3.0 (particles only) STAR file.
+
+    Checks what every later step relies on: one block of particles (`_rlnImageName`), an
+    optics group for every particle (3.1), and a pixel size in Å/px for every particle.
+    Raises ParticleFileError (naming the file and why) for anything else."""
     path = Path(path)
     if not path.exists():
         raise ParticleFileError(f"{path}: particle file not found")
+    if path.is_dir():
+        raise ParticleFileError(f"{path}: is a folder, not a particle file")
     try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as e:  # starfile raises many kinds on malformed text
-        raise ParticleFileError(f"{path}: not a readable STAR file ({type(e).__name__}: {e})") from None
-    particle_names = [k for k, v in blocks.items() if _is_particles(v)]
-    if not particle_names:
-        raise ParticleFileError(f"{path}: no data block with an _rlnImageName column; this is not a particle file")
-    if len(particle_names) > 1:
-        preferred = [k for k in particle_names if k == "particles"]
-        particle_names = preferred or particle_names[:1]
-    pname = particle_names[0]
-    particles = blocks[pname].reset_index(drop=True)
-    optics_names = [k for k, v in blocks.items() if _is_optics(v) and k != pname]
-    optics = blocks[optics_names[0]].reset_index(drop=True) if optics_names else None
-    return ParticleTable(particles=particles, optics=optics, path=path,
-                         root=Path(root) if root else None, particles_block=pname,
-                         optics_block=optics_names[0] if optics_names else "optics")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ParticleFileError(f"{path}: cannot read the particle file ({e.strerror or e})") from None
+    head = raw[:65536]
+    if b"\x00" in head:
+        kind = "a NumPy/cryoSPARC .cs file" if raw.startswith(b"\x93NUMPY") else "a binary file (MRC stack?)"
+        raise ParticleFileError(f"{path}: {kind}, not a STAR text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    clean, blocks, version, changed = _scan_star(text, path)
+    loops = [b for b in blocks if b.kind == "loop"]
+    cands = [b for b in loops if "rlnImageName" in b.labels]
+    if not cands:
+        raise ParticleFileError(f"{path}: not a particle file: {_not_particles_hint(text[:2000], blocks)} "
+                                f"({_describe(blocks)})")
+    if len(cands) > 1:
+        named = [b for b in cands if b.name == "particles"]
+        if len(named) != 1:
+            raise ParticleFileError(
+                f"{path}: {len(cands)} data blocks hold particles ({', '.join('data_' + b.name for b in cands)}); "
+                "which one is meant is ambiguous: keep one, or name it data_particles")
+        cands = named
+    pblock = cands[0]
+
+    tmp = None
+    try:
+        if changed:
+            fd, tmp = tempfile.mkstemp(suffix=".star", prefix="clcluster-clean-")
+            with os.fdopen(fd, "w") as f:
+                f.write(clean)
+        try:
+            data = starfile.read(tmp or path, always_dict=True, parse_as_string=STRING_LABELS)
+        except Exception as e:  # starfile raises many kinds on malformed text
+            raise ParticleFileError(f"{path}: not a readable STAR file ({type(e).__name__}: {e})") from None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+
+    particles = data.get(pblock.name)
+    if not isinstance(particles, pd.DataFrame) or len(particles) != pblock.nrows \
+            or list(particles.columns) != pblock.labels:
+        got = particles.shape if isinstance(particles, pd.DataFrame) else type(particles).__name__
+        raise ParticleFileError(f"{path}: data_{pblock.name} has {pblock.nrows} rows × {len(pblock.labels)} labels "
+                                f"but starfile read {got}; the file is malformed")
+    particles = particles.reset_index(drop=True)
+    if len(particles) == 0:  # starfile gives float zeros for empty loops; keep names as text
+        particles = particles.astype({c: "str" for c in particles.columns if c in STRING_LABELS})
+
+    others = {k: v for k, v in data.items() if k != pblock.name and isinstance(v, pd.DataFrame)}
+    oname = "optics" if "optics" in others else None
+    if oname is None:
+        found = [k for k, v in others.items() if _is_optics(v)]
+        if len(found) > 1:
+            raise ParticleFileError(f"{path}: {len(found)} blocks look like optics blocks "
+                                    f"({', '.join('data_' + k for k in found)}); name one data_optics")
+        oname = found[0] if found else None
+    optics = others[oname].reset_index(drop=True) if oname is not None else None
+    if optics is not None and len(optics) == 0:
+        raise ParticleFileError(f"{path}: data_{oname} (optics) has no rows")
+
+    table = ParticleTable(particles=particles, optics=optics, path=path,
+                          root=Path(root) if root else None, particles_block=pblock.name,
+                          optics_block=oname if oname is not None else "optics", version=version)
+    if len(table) == 0:
+        return table  # an empty particle file is reported by `clcluster check`, not refused here
+    if optics is not None:
+        table.optics_group_rows()  # raises for particles naming undefined optics groups
+    apix = table.pixel_size()       # raises when there is no pixel size anywhere
+    bad = np.flatnonzero(~(np.isfinite(apix) & (apix > 0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ParticleFileError(f"{path}: particle row {i + 1} ({table.image_name(i)}) has pixel size "
+                                f"{apix[i]:g} Å/px (must be a positive number); {bad.size} rows affected")
+    return table
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+def _format_column(s: pd.Series) -> list[str]:
+    """Text of each value: shortest round-trip repr for numbers, quoted strings where needed."""
+    if pd.api.types.is_bool_dtype(s) and not s.isna().any():
+        return list(map(str, s.astype(int).tolist()))
+    if pd.api.types.is_integer_dtype(s) and not s.isna().any():
+        return list(map(str, s.tolist()))
+    if pd.api.types.is_numeric_dtype(s):
+        return list(map(repr, s.to_numpy(dtype=np.float64, na_value=np.nan).tolist()))
+    t = s.astype(object).where(s.notna(), "nan").astype(str)
+    needs = t.str.contains(r"\s", regex=True) | (t == "") | t.str.startswith(("#", "_", "'", '"')) \
+        | t.str.startswith(("data_", "loop_"))
+    if needs.any():
+        dq = t.str.contains('"', regex=False)
+        t = t.where(~needs, np.where(dq, "'" + t + "'", '"' + t + '"'))
+    return t.tolist()
+
+
+def _loop_lines(name: str, df: pd.DataFrame, version: int | None) -> list[str]:
+    lines = [] if version is None else [f"# version {version}", ""]
+    lines += [f"data_{name}", "", "loop_"]
+    lines += [f"_{c} #{i}" for i, c in enumerate(df.columns, 1)]
+    if len(df) and len(df.columns):
+        cols = [_format_column(df[c]) for c in df.columns]
+        lines.extend(" ".join(row) for row in zip(*cols))
+    lines += [""]
+    return lines
 
 
 def write_star(path, table: ParticleTable) -> None:
-    """Write `table` keeping its flavour: optics + particles for 3.1, particles alone for 3.0.
+    """Write `table` keeping its flavour: optics + particles for 3.1 (`# version` line, the
+    source's block names), particles alone for 3.0; every column, numbers written with
+    enough digits to read back the same float64.
 
     Written atomically (temporary name, then rename)."""
-    blocks = {}
+    lines: list[str] = []
     if table.optics is not None:
-        blocks[table.optics_block] = table.optics
-    blocks[table.particles_block] = table.particles
+        version = table.version if table.version is not None else 30001
+        lines += _loop_lines(table.optics_block, table.optics, version)
+        lines += _loop_lines(table.particles_block, table.particles, version)
+    else:
+        lines += _loop_lines(table.particles_block, table.particles, table.version)
     with atomic_path(path) as tmp:
-        starfile.write(blocks, tmp, float_format="%.6f")
+        Path(tmp).write_text("\n".join(lines) + "\n")

@@ -1,0 +1,237 @@
+"""In-plane alignment by polar cross-correlation, and alignment-based hard-EM classification.
+
+Images (n, D, D) are resampled to polar coordinates (radii x angles) around a small grid of
+integer centre offsets; the correlation with a reference over all in-plane rotations is one
+FFT along the angle axis. Scores are normalised cross-correlations (NCC, in [-1, 1]) with the
+area element r as weight. Torch on any device; batched so memory is bounded by the batch.
+
+Pose convention: image ≈ shift_by(s) ∘ rotate_by(a) (reference), with `imageops.rotate`'s
+angle a (degrees) and shift s = (dx, dy) px; `to_reference_frame` undoes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class PolarGrid:
+    """Polar sampling: n_radii from r_min to r_max px, n_angles over 360 degrees, centre offsets
+    on the integer grid within a disc of radius max_shift px."""
+
+    box: int
+    n_radii: int = 16
+    n_angles: int = 64
+    max_shift: int = 2
+    r_min: float = 1.0
+    r_max: float | None = None
+
+    def __post_init__(self):
+        if self.r_max is None:
+            self.r_max = self.box // 2 - 1 - self.max_shift
+        g = range(-self.max_shift, self.max_shift + 1)
+        self.offsets = np.array([(dx, dy) for dy in g for dx in g if dx * dx + dy * dy <= self.max_shift ** 2 + 1e-9], dtype=np.float32)
+
+    @property
+    def n_shifts(self) -> int:
+        return len(self.offsets)
+
+    def grid(self, device) -> torch.Tensor:
+        """grid_sample grid (1, S*R, A, 2)."""
+        r = torch.linspace(self.r_min, self.r_max, self.n_radii)[:, None]
+        t = torch.arange(self.n_angles, dtype=torch.float32)[None, :] * (2 * math.pi / self.n_angles)
+        c = self.box // 2
+        off = torch.from_numpy(self.offsets)
+        x = c + off[:, 0, None, None] + r * torch.cos(t)
+        y = c + off[:, 1, None, None] + r * torch.sin(t)
+        g = torch.stack([2 * x / (self.box - 1) - 1, 2 * y / (self.box - 1) - 1], dim=-1)
+        return g.reshape(1, self.n_shifts * self.n_radii, self.n_angles, 2).to(device)
+
+    def radial_weight(self, device) -> torch.Tensor:
+        r = torch.linspace(self.r_min, self.r_max, self.n_radii, device=device)
+        return r.sqrt()[:, None]
+
+
+def polar_transform(images: torch.Tensor, pg: PolarGrid, grid=None) -> torch.Tensor:
+    """Polar samples (n, S, R, A) of images (n, D, D) around each centre offset, weighted by
+    sqrt(r), mean-removed and scaled to unit norm per (image, offset)."""
+    n = images.shape[0]
+    grid = pg.grid(images.device) if grid is None else grid
+    p = F.grid_sample(images[:, None].float(), grid.expand(n, -1, -1, -1), mode="bilinear", align_corners=True)
+    p = p.reshape(n, pg.n_shifts, pg.n_radii, pg.n_angles) * pg.radial_weight(images.device)
+    return unit(p)
+
+
+def unit(p: torch.Tensor) -> torch.Tensor:
+    """Remove the mean and scale to unit norm over the last two axes (radii, angles)."""
+    p = p - p.mean(dim=(-2, -1), keepdim=True)
+    return p / p.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
+
+
+def rotational_correlation(pf: torch.Tensor, qf: torch.Tensor, n_angles: int, per_particle: bool) -> torch.Tensor:
+    """NCC over all rotations. pf: rFFT along angle of image polars (n, S, R, F); qf: of the
+    references, (K, R, F) or (n, m, R, F) with per_particle. Returns (n, S, K|m, A)."""
+    if per_particle:
+        prod = torch.einsum("nsrf,nkrf->nskf", pf, qf.conj())
+    else:
+        prod = torch.einsum("nsrf,krf->nskf", pf, qf.conj())
+    return torch.fft.irfft(prod, n=n_angles, dim=-1)
+
+
+@dataclasses.dataclass
+class Alignment:
+    """Best class, score and pose of each particle."""
+
+    labels: np.ndarray  # (n,) 0-based class
+    score: np.ndarray  # (n,) best NCC
+    angle_deg: np.ndarray  # (n,) in-plane rotation a of the pose
+    shift_px: np.ndarray  # (n, 2) (dx, dy) of the pose
+    second_score: np.ndarray  # (n,) best NCC with any other candidate class
+
+
+def align_batch(pf: torch.Tensor, ref_f: torch.Tensor, pg: PolarGrid, candidates: torch.Tensor | None):
+    """Best (class, score, rotation index, offset index, second score) for a batch of image
+    polars in Fourier form pf (n, S, R, F) against references ref_f (K, R, F). `candidates`
+    (n, m) restricts each particle to m classes (cost flat in K)."""
+    if candidates is not None:
+        corr = rotational_correlation(pf, ref_f[candidates], pg.n_angles, per_particle=True)
+    else:
+        corr = rotational_correlation(pf, ref_f, pg.n_angles, per_particle=False)
+    n, s, k, a = corr.shape
+    best_over_pose, arg_pose = corr.permute(0, 2, 1, 3).reshape(n, k, s * a).max(dim=-1)  # (n, k)
+    top = best_over_pose.topk(min(2, k), dim=1)
+    cls = top.indices[:, 0]
+    pose = arg_pose.gather(1, cls[:, None])[:, 0]
+    second = top.values[:, 1] if k > 1 else torch.full_like(top.values[:, 0], -1.0)
+    if candidates is not None:
+        cls = candidates.gather(1, cls[:, None])[:, 0]
+    return cls, top.values[:, 0], pose % a, pose // a, second
+
+
+class PolarCache:
+    """Image polars (rFFT along angle) for a fixed image set, computed batch by batch; kept in
+    memory only while they fit in `max_bytes`, else recomputed from `images` each pass."""
+
+    def __init__(self, images, pg: PolarGrid, device="cpu", batch_size: int = 512, max_bytes: float = 2e9):
+        self.images, self.pg, self.device, self.bs = images, pg, torch.device(device), batch_size
+        self.grid = pg.grid(self.device)
+        n = len(images)
+        need = n * pg.n_shifts * pg.n_radii * (pg.n_angles // 2 + 1) * 8
+        self.cache = [] if need <= max_bytes else None
+        if self.cache is not None:
+            for s, pf in self._compute():
+                self.cache.append((s, pf))
+
+    def _compute(self):
+        for s in range(0, len(self.images), self.bs):
+            x = torch.as_tensor(np.asarray(self.images[s:s + self.bs], dtype=np.float32), device=self.device)
+            yield s, torch.fft.rfft(polar_transform(x, self.pg, self.grid), dim=-1)
+
+    def __iter__(self):
+        return iter(self.cache) if self.cache is not None else self._compute()
+
+    def __len__(self):
+        return len(self.images)
+
+
+def align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.ndarray | None = None,
+              accumulate: bool = True):
+    """Align every particle to its best candidate reference; returns (Alignment, new reference
+    polars (K, R, A) as aligned member means or None, per-class counts)."""
+    pg = cache.pg
+    k = refs_polar.shape[0]
+    ref_f = torch.fft.rfft(unit(refs_polar), dim=-1)
+    n = len(cache)
+    out = {key: np.empty(n, dtype) for key, dtype in (("labels", np.int64), ("score", np.float32), ("rot", np.int64),
+                                                       ("off", np.int64), ("second", np.float32))}
+    sums = torch.zeros((k, pg.n_radii, pg.n_angles), device=cache.device) if accumulate else None
+    counts = torch.zeros(k, device=cache.device)
+    cand_t = torch.as_tensor(candidates, device=cache.device) if candidates is not None else None
+    for s, pf in cache:
+        b = pf.shape[0]
+        cand = cand_t[s:s + b] if cand_t is not None else None
+        cls, score, rot, off, second = align_batch(pf, ref_f, pg, cand)
+        for key, v in (("labels", cls), ("score", score), ("rot", rot), ("off", off), ("second", second)):
+            out[key][s:s + b] = v.cpu().numpy()
+        if accumulate:
+            # aligned polar of each particle: its samples at the best offset, rolled by -rot
+            p = torch.fft.irfft(pf[torch.arange(b), off], n=pg.n_angles, dim=-1)  # (b, R, A)
+            idx = (torch.arange(pg.n_angles, device=p.device)[None, :] + rot[:, None]) % pg.n_angles
+            aligned = p.gather(2, idx[:, None, :].expand(-1, pg.n_radii, -1))
+            sums.index_add_(0, cls, aligned)
+        counts += torch.bincount(cls, minlength=k).float()
+    rot_deg = (-out["rot"] % pg.n_angles) * (360.0 / pg.n_angles)
+    res = Alignment(out["labels"], out["score"], rot_deg.astype(np.float32), pg.offsets[out["off"]], out["second"])
+    new_refs = sums / counts.clamp_min(1)[:, None, None] if accumulate else None
+    return res, new_refs, counts.cpu().numpy()
+
+
+def class_polar_means(cache: PolarCache, labels: np.ndarray, k: int) -> torch.Tensor:
+    """Unaligned polar means (K, R, A) of each class at the centre offset (rotational blurs;
+    the starting references of the hard EM)."""
+    pg = cache.pg
+    centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
+    sums = torch.zeros((k, pg.n_radii, pg.n_angles), device=cache.device)
+    lab = torch.as_tensor(labels, device=cache.device)
+    for s, pf in cache:
+        p = torch.fft.irfft(pf[:, centre], n=pg.n_angles, dim=-1)
+        sums.index_add_(0, lab[s:s + p.shape[0]], p)
+    counts = torch.bincount(lab, minlength=k).float().clamp_min(1)
+    return sums / counts[:, None, None]
+
+
+@dataclasses.dataclass
+class RefineResult:
+    alignment: Alignment
+    objective: float  # mean best NCC
+    history: list  # objective per iteration
+    restart: int
+
+
+def hard_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarray | None = None,
+            max_iter: int = 15, seed: int = 0, log=None) -> RefineResult:
+    """Alignment-based hard EM from a starting partition: assign each particle to the candidate
+    class whose average it matches best over rotations and shifts, rebuild averages from aligned
+    members, repeat until labels stop changing. Empty classes are re-seeded with the particles
+    that fit their class worst."""
+    g = torch.Generator().manual_seed(seed)
+    refs = class_polar_means(cache, labels0, k)
+    refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)  # break rotational symmetry
+    labels = labels0.copy()
+    history = []
+    res = None
+    for it in range(max_iter):
+        res, new_refs, counts = align_all(cache, refs, candidates)
+        history.append(float(res.score.mean()))
+        changed = float((res.labels != labels).mean())
+        labels = res.labels
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            worst = np.argsort(res.score)[: empty.size * 5]
+            for j, e in enumerate(empty):
+                donors = worst[j * 5:(j + 1) * 5]
+                new_refs[e] = class_polar_means_subset(cache, donors)
+        refs = new_refs
+        if log:
+            log(f"  iteration {it + 1}: mean NCC {history[-1]:.4f}, {changed:.1%} labels changed")
+        if changed < 0.002 and it > 0:
+            break
+    return RefineResult(res, history[-1], history, 0)
+
+
+def class_polar_means_subset(cache: PolarCache, rows: np.ndarray) -> torch.Tensor:
+    """Polar mean (R, A) of a few particles at the centre offset."""
+    lab = np.full(len(cache), 1, dtype=np.int64)
+    lab[rows] = 0
+    return class_polar_means(cache, lab, 2)[0]
+
+
+def to_reference_frame(images, angle_deg, shift_px):
+    """Undo each particle's pose: shift by -s, then rotate by -a. images (n, D, D) NumPy/CuPy."""
+    from .imageops import fourier_shift, rotate
+
+    return rotate(fourier_shift(images, -np.asarray(shift_px)), -np.asarray(angle_deg))

@@ -1,0 +1,138 @@
+"""Cryo-EM-aware augmentation of image batches (n, D, D), NumPy or CuPy, seeded.
+
+Each op draws its random parameters from `rng` (a numpy/cupy Generator) per image; the
+composed `augment` produces one random view, `two_views` the pair the contrastive loss needs.
+Mirroring is off by default: a mirrored projection is a different view.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .backend import asnumpy, get_array_module
+from .ctf import CTFParams, ctf_2d
+from .imageops import fourier_filter, fourier_shift, gaussian_lowpass, rotate
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """Parameter ranges of the augmentation ops (pixels, degrees, Å; probabilities in [0, 1])."""
+
+    rotation: bool = True  # uniform in-plane rotation in [0, 360) degrees
+    max_shift_px: float = 2.0  # uniform sub-pixel shift in [-max, max] px per axis
+    noise_snr_min: float = 0.5  # extra white noise with SNR drawn log-uniformly in [min, max] ...
+    noise_snr_max: float = 5.0
+    noise_prob: float = 0.5  # ... with this probability
+    blur_sigma_max_px: float = 1.0  # Gaussian blur sigma uniform in [0, max] px
+    blur_prob: float = 0.3
+    ctf_prob: float = 0.0  # random |CTF| envelope (defocus uniform in the range below)
+    ctf_defocus_min_A: float = 5000.0
+    ctf_defocus_max_A: float = 30000.0
+    contrast_jitter: float = 0.2  # multiply by 1 + U(-j, j), add U(-j, j)
+    erase_prob: float = 0.0  # zero a random square of up to erase_max_frac of the box
+    erase_max_frac: float = 0.25
+    mirror_prob: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "AugmentConfig":
+        d = d or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def random_rotation(images, rng):
+    xp = get_array_module(images)
+    return rotate(images, rng.uniform(0, 360, images.shape[0]).astype(xp.float32))
+
+
+def random_shift(images, rng, max_shift_px: float):
+    if max_shift_px <= 0:
+        return images
+    return fourier_shift(images, rng.uniform(-max_shift_px, max_shift_px, (images.shape[0], 2)))
+
+
+def random_noise(images, rng, snr_min: float, snr_max: float, prob: float):
+    """Add white noise of variance var(image)/snr with snr log-uniform in [snr_min, snr_max]."""
+    xp = get_array_module(images)
+    n = images.shape[0]
+    snr = xp.exp(rng.uniform(np.log(snr_min), np.log(snr_max), n)).astype(xp.float32)
+    on = (rng.uniform(0, 1, n) < prob).astype(xp.float32)
+    sigma = images.std(axis=(1, 2)) / xp.sqrt(snr) * on
+    return images + rng.standard_normal(images.shape, dtype=xp.float32) * sigma[:, None, None]
+
+
+def random_blur(images, rng, sigma_max_px: float, prob: float):
+    xp = get_array_module(images)
+    n = images.shape[0]
+    sigma = rng.uniform(0, sigma_max_px, n) * (rng.uniform(0, 1, n) < prob)
+    return gaussian_lowpass(images, sigma.astype(xp.float32))
+
+
+def random_ctf_envelope(images, rng, defocus_min_A: float, defocus_max_A: float, prob: float, apix: float):
+    """Multiply by |CTF| of a random defocus (what phase-flipped data look like), per image."""
+    xp = get_array_module(images)
+    n = images.shape[0]
+    on = rng.uniform(0, 1, n) < prob
+    if not bool(on.any()):
+        return images
+    df = asnumpy(rng.uniform(defocus_min_A, defocus_max_A, n))
+    ctf = xp.abs(ctf_2d(CTFParams(df, df, np.zeros(n)), images.shape[-1], apix, xp))
+    on = xp.asarray(on).reshape(n, 1, 1)
+    return fourier_filter(images, xp.where(on, ctf, 1.0))
+
+
+def random_contrast(images, rng, jitter: float):
+    xp = get_array_module(images)
+    n = images.shape[0]
+    scale = 1 + rng.uniform(-jitter, jitter, n).astype(xp.float32)
+    offset = rng.uniform(-jitter, jitter, n).astype(xp.float32)
+    return images * scale[:, None, None] + offset[:, None, None]
+
+
+def random_erase(images, rng, prob: float, max_frac: float):
+    """Zero a random axis-aligned square (side up to max_frac of the box) in a fraction of images."""
+    xp = get_array_module(images)
+    n, box = images.shape[0], images.shape[-1]
+    on = rng.uniform(0, 1, n) < prob
+    size = (rng.uniform(0, max_frac, n) * box).astype(xp.int64)
+    y0 = (rng.uniform(0, 1, n) * (box - size)).astype(xp.int64)
+    x0 = (rng.uniform(0, 1, n) * (box - size)).astype(xp.int64)
+    g = xp.arange(box)
+    inside_y = (g[None] >= y0[:, None]) & (g[None] < (y0 + size)[:, None])
+    inside_x = (g[None] >= x0[:, None]) & (g[None] < (x0 + size)[:, None])
+    mask = inside_y[:, :, None] & inside_x[:, None, :] & on[:, None, None]
+    return xp.where(mask, 0.0, images).astype(xp.float32)
+
+
+def random_mirror(images, rng, prob: float):
+    on = rng.uniform(0, 1, images.shape[0]) < prob
+    xp = get_array_module(images)
+    return xp.where(on[:, None, None], images[:, :, ::-1], images)
+
+
+def augment(images, cfg: AugmentConfig, rng, apix: float = 1.0):
+    """One random view of each image, ops in the order: blur/CTF (signal), rotation, shift,
+    noise, contrast, erasing, mirror."""
+    x = images
+    if cfg.blur_prob > 0 and cfg.blur_sigma_max_px > 0:
+        x = random_blur(x, rng, cfg.blur_sigma_max_px, cfg.blur_prob)
+    if cfg.ctf_prob > 0:
+        x = random_ctf_envelope(x, rng, cfg.ctf_defocus_min_A, cfg.ctf_defocus_max_A, cfg.ctf_prob, apix)
+    if cfg.rotation:
+        x = random_rotation(x, rng)
+    x = random_shift(x, rng, cfg.max_shift_px)
+    if cfg.noise_prob > 0:
+        x = random_noise(x, rng, cfg.noise_snr_min, cfg.noise_snr_max, cfg.noise_prob)
+    if cfg.contrast_jitter > 0:
+        x = random_contrast(x, rng, cfg.contrast_jitter)
+    if cfg.erase_prob > 0:
+        x = random_erase(x, rng, cfg.erase_prob, cfg.erase_max_frac)
+    if cfg.mirror_prob > 0:
+        x = random_mirror(x, rng, cfg.mirror_prob)
+    return x.astype(get_array_module(x).float32)
+
+
+def two_views(images, cfg: AugmentConfig, rng, apix: float = 1.0):
+    """Two independent random views of each image (the contrastive pair)."""
+    return augment(images, cfg, rng, apix), augment(images, cfg, rng, apix)

@@ -1,0 +1,44 @@
+"""Configuration: the packaged JSON schema (config.schema.yaml) holds every default; this module
+fills them in and validates, for CLI runs outside Snakemake (which validates the same schema)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _fill(node: dict, data: dict) -> dict:
+    for key, sub in node.get("properties", {}).items():
+        if key not in data and "default" in sub:
+            data[key] = copy.deepcopy(sub["default"])
+        if sub.get("type") == "object" and isinstance(data.get(key), dict):
+            _fill(sub, data[key])
+    return data
+
+
+def with_defaults(cfg: dict | None) -> dict:
+    """A validated copy of `cfg` with every schema default filled in."""
+    import jsonschema
+
+    data = _fill(schema(), copy.deepcopy(cfg or {}))
+    try:
+        jsonschema.validate(data, schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise ValueError(f"invalid configuration at {where}: {e.message}") from None
+    return data
+
+
+def load_config(path=None) -> dict:
+    """Read a YAML config (safe_load) and fill defaults; None gives the defaults alone."""
+    cfg = {}
+    if path:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    return with_defaults(cfg)

@@ -1,0 +1,68 @@
+"""Batches from memory-mapped preprocessed shards (float16 (n, box, box) .npy files)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class ShardSet:
+    """Several preprocessed shards seen as one array of particles, memory-mapped (nothing is
+    loaded until indexed). Indexing with a slice or an index array returns float32 (b, box, box)."""
+
+    def __init__(self, paths):
+        self.paths = [Path(p) for p in paths]
+        self.arrays = [np.load(p, mmap_mode="r") for p in self.paths]
+        sizes = [a.shape[0] for a in self.arrays]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        boxes = {a.shape[1:] for a in self.arrays}
+        if len(boxes) > 1:
+            raise ValueError(f"preprocessed shards have different boxes {boxes}: {self.paths}")
+        self.box = self.arrays[0].shape[-1] if self.arrays else 0
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, indices) -> np.ndarray:
+        """float32 images for global particle indices (any order), reading each shard once."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.box, self.box), np.float32)
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            local = indices[sel] - self.offsets[s]
+            order = np.argsort(local)
+            out[sel[order]] = self.arrays[s][local[order]]
+        return out
+
+    def __getitem__(self, item) -> np.ndarray:
+        if isinstance(item, slice):
+            return self.take(np.arange(len(self))[item])
+        return self.take(item)
+
+
+class BatchPlan:
+    """Which particles each training step sees: epochs of a seeded permutation (optionally of a
+    random subset), cut into global batches; rank r of w takes the r-th of w equal parts.
+    Deterministic from (seed, step), so a resumed run sees the same batches."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, subset: int | None = None, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"global batch {batch_size} is not divisible by {world} ranks")
+        self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        pool = np.arange(n)
+        if subset and subset < n:
+            pool = np.sort(np.random.default_rng([seed, 1]).choice(n, subset, replace=False))
+        self.pool = pool
+        self.steps_per_epoch = max(1, len(pool) // batch_size)
+        self._epoch, self._perm = None, None
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = self.pool[np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.pool))]
+            self._epoch = epoch
+        bs = min(self.bs, len(self.pool))
+        glob = self._perm[i * bs:(i + 1) * bs]
+        part = len(glob) // self.world
+        return glob[self.rank * part:(self.rank + 1) * part]

@@ -1,0 +1,37 @@
+"""Shards: contiguous subsets of the particle table, as STAR files (no pixel copy)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .io.star import ParticleTable, write_star
+
+ROW_COLUMN = "clclusterInputRow"  # hidden column carrying each particle's 0-based input row
+
+
+def plan_shards(n: int, size: int) -> list[range]:
+    """Consecutive ranges of at most `size` particles covering 0..n-1."""
+    return [range(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def n_shards(n: int, size: int) -> int:
+    return max(1, -(-n // size))
+
+
+def write_shards(table: ParticleTable, size: int, out_dir) -> list[Path]:
+    """Write shard_{i}.star files with the input's optics and columns plus the input row index;
+    stack paths are made absolute so the shards can live anywhere."""
+    out_dir = Path(out_dir)
+    paths, _ = table.image_refs()
+    parts = table.particles.copy()
+    idx = [name.split("@", 1)[0] + "@" if "@" in name else "" for name in parts["rlnImageName"].astype(str)]
+    parts["rlnImageName"] = [i + str(Path(p).resolve()) for i, p in zip(idx, paths)]
+    parts[ROW_COLUMN] = np.arange(len(parts))
+    full = table.with_particles(parts)
+    out = []
+    for i, r in enumerate(plan_shards(len(table), size)):
+        p = out_dir / f"shard_{i}.star"
+        write_star(p, full.subset(np.arange(r.start, r.stop)))
+        out.append(p)
+    return out

@@ -1,0 +1,24 @@
+# Merge embeddings, K-means++, alignment refinement against the nearest centroids.
+
+
+rule cluster_embeddings:
+    input:
+        embeddings=per_shard(f"{R}/embeddings/shard_{{shard}}.npy"),
+        stars=per_shard(f"{R}/shards/shard_{{shard}}.star"),
+        images=per_shard(f"{R}/preprocessed/shard_{{shard}}.npy"),
+        config=rules.save_config.output[0],
+    output:
+        labels=f"{R}/clusters/labels.npy",
+        assignments=f"{R}/clusters/assignments.npz",
+    log:
+        f"{R}/logs/cluster_embeddings.log",
+    benchmark:
+        f"{R}/benchmarks/cluster_embeddings.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    conda:
+        ENV
+    shell:
+        "clcluster cluster --embeddings {input.embeddings:q} --shard-stars {input.stars:q} "
+        "--preprocessed {input.images:q} --out-dir {R:q}/clusters --config {input.config:q} > {log:q} 2>&1"

@@ -1,0 +1,66 @@
+# Config validation, paths and input functions shared by the rules.
+import json
+import shlex
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+R = config["results"].rstrip("/")
+SIMULATED = config["particles"] == ""
+ENV = "../../envs/cpu.yaml"
+
+
+wildcard_constraints:
+    shard=r"\d+",
+
+
+def particles_file():
+    """The particles the pipeline classifies: the user's file, or the simulated demo set."""
+    return f"{R}/demo/particles.star" if SIMULATED else config["particles"]
+
+
+def shard_ids(wildcards):
+    """Shard numbers, known once the shard checkpoint has run."""
+    folder = checkpoints.shard_particles.get(**wildcards).output.folder
+    return sorted(int(i) for i in glob_wildcards(f"{folder}/shard_{{shard}}.star").shard)
+
+
+def per_shard(pattern):
+    """Input function: `pattern` (with {shard}) for every shard."""
+
+    def inputs(wildcards):
+        return [pattern.format(shard=i) for i in shard_ids(wildcards)]
+
+    return inputs
+
+
+def final_outputs():
+    out = [f"{R}/export/particles_classified.star", f"{R}/export/class_averages.png"]
+    if SIMULATED:
+        out.append(f"{R}/score.json")
+    return out
+
+
+def print_score():
+    score = Path(f"{R}/score.json")
+    if SIMULATED and score.exists():
+        s = json.loads(score.read_text())
+        print(f"CL-Clustering demo: {s['particles']} particles, clustering accuracy (Hungarian-matched) "
+              f"{s['accuracy']:.3f}, alignment-free stage alone {s['kmeans_accuracy']:.3f}, "
+              f"ARI {s['ari']:.3f}, NMI {s['nmi']:.3f}  ({score})")
+
+
+rule save_config:
+    """The validated run configuration (defaults filled in) that every step reads."""
+    output:
+        f"{R}/config.yaml",
+    params:
+        cfg=config,
+    log:
+        f"{R}/logs/save_config.log",
+    run:
+        Path(output[0]).write_text(yaml.safe_dump(dict(params.cfg), sort_keys=False))

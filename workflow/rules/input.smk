@@ -1,0 +1,56 @@
+# Particles in: the demo simulation (when no particle file is given), validation, sharding.
+
+
+rule simulate_demo:
+    """Simulated particles with known classes (only when config particles is empty)."""
+    input:
+        config=rules.save_config.output[0],
+    output:
+        star=f"{R}/demo/particles.star",
+        truth=f"{R}/demo/particles_truth.csv",
+    log:
+        f"{R}/logs/simulate_demo.log",
+    benchmark:
+        f"{R}/benchmarks/simulate_demo.tsv"
+    conda:
+        ENV
+    shell:
+        "clcluster simulate --config {input.config:q} --out-dir {R:q}/demo > {log:q} 2>&1"
+
+
+rule check_particles:
+    """Validate the particle file and its stacks before any work (every problem listed)."""
+    input:
+        star=particles_file(),
+        config=rules.save_config.output[0],
+    output:
+        report=f"{R}/check/report.txt",
+    params:
+        root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
+        ctf="--no-ctf" if config["preprocess"]["ctf"] == "none" else "",
+        classes=config["classes"],
+    log:
+        f"{R}/logs/check_particles.log",
+    conda:
+        ENV
+    shell:
+        "clcluster check {input.star:q} {params.root} {params.ctf} --classes {params.classes} "
+        "> {output.report:q} 2> {log:q} || (cat {output.report:q} >&2; exit 1)"
+
+
+checkpoint shard_particles:
+    """Split the particles into STAR shards of `shard.size` (no pixel copy)."""
+    input:
+        star=particles_file(),
+        check=rules.check_particles.output.report,
+    output:
+        folder=directory(f"{R}/shards"),
+    params:
+        size=config["shard"]["size"],
+        root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
+    log:
+        f"{R}/logs/shard_particles.log",
+    conda:
+        ENV
+    shell:
+        "clcluster shard {input.star:q} --size {params.size} --out-dir {output.folder:q} {params.root} > {log:q} 2>&1"
