@@ -30,11 +30,11 @@ def pca_kmeans(images, k: int, n_components: int = 50, seed: int = 0) -> np.ndar
 
 
 def invariant_features(images, n_radii: int = 12, n_angles: int = 64, r_max: float | None = None,
-                       max_freq: int = 16, cross_freq: int = 8) -> np.ndarray:
+                       max_freq: int = 8, cross_freq: int = 4) -> np.ndarray:
     """Rotation-invariant features (n, f) of images (n, D, D), computed without alignment.
 
     Each image is resampled to polar coordinates (n_radii radii from 1 px to r_max px, default
-    D//2 - 4, x n_angles angles) and Fourier-transformed along the angle: P(rho, m). An in-plane
+    0.3 D, i.e. 10 px at D = 32, x n_angles angles) and Fourier-transformed along the angle: P(rho, m). An in-plane
     rotation by phi multiplies P(rho, m) by exp(-i m phi), so these are invariant:
       - ring means P(rho, 0) and magnitudes |P(rho, m)| for 1 <= m < max_freq;
       - cross-radius products P(rho1, m) conj(P(rho2, m)) (real and imaginary parts) for all
@@ -44,7 +44,7 @@ def invariant_features(images, n_radii: int = 12, n_angles: int = 64, r_max: flo
     total variance."""
     x = np.asarray(images, dtype=np.float32)
     n, box = x.shape[0], x.shape[-1]
-    r_max = box // 2 - 4 if r_max is None else r_max
+    r_max = round(0.3 * box) if r_max is None else r_max
     p = polar_resample(x, n_radii, n_angles, r_min=1.0, r_max=r_max)  # (n, Nr, Na)
     w = np.linspace(1.0, r_max, n_radii, dtype=np.float32)[None, :, None]  # ring circumference weight
     f = np.fft.rfft(p, axis=-1) * np.sqrt(w) / n_angles

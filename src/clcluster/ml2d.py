@@ -231,8 +231,11 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
     log-likelihood is returned. init_references (k, D, D) replaces the random starts (one run).
     batch_size: images per batch (default: sized for ~16 MB of scores); cache_bytes: keep the
     images' polar spectra in memory when they fit (else recompute each iteration)."""
+    if shift_prior not in ("gaussian", "uniform"):
+        raise ValueError(f"shift_prior must be 'gaussian' or 'uniform', not {shift_prior!r}")
     dev = torch.device(device)
-    x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32)).to(dev)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    x = torch.as_tensor(images).to(dev)
     n, box = x.shape[0], x.shape[-1]
     if k < 1 or k > n:
         raise ValueError(f"k={k} must be between 1 and the number of images ({n})")

@@ -1,0 +1,69 @@
+"""ML2D on small, easy synthetic data: recovery of the views, monotone log-likelihood, pose convention."""
+import numpy as np
+import pytest
+
+from clcluster.ctf import phase_flip
+from clcluster.imageops import fourier_crop, normalise_background, rotate
+from clcluster.metrics import hungarian_accuracy
+from clcluster.ml2d import PolarScanner, ml2d
+from clcluster.simulate import SimulationConfig, simulate
+
+
+@pytest.fixture(scope="module")
+def easy():
+    cfg = SimulationConfig(views=4, images_per_view=50, snr=1.0, seed=3)
+    sim = simulate(cfg)
+    img = normalise_background(fourier_crop(phase_flip(sim.images, sim.ctf, cfg.apix), 32), radius=12)
+    refs = normalise_background(fourier_crop(sim.projections, 32), radius=12)
+    return img, sim.truth["class"].to_numpy(), refs
+
+
+def test_ml2d_recovers_views(easy):
+    img, truth, _ = easy
+    res = ml2d(img, 4, n_rotations=36, max_shift=2, n_starts=2, max_iter=15, seed=0)
+    assert hungarian_accuracy(truth, res.labels) >= 0.9
+    assert res.references.shape == (4, 32, 32) and res.labels.shape == (len(img),)
+    assert res.class_probability.shape == (len(img), 4)
+    assert np.allclose(res.class_probability.sum(1), 1, atol=1e-4)
+    assert abs(res.alpha.sum() - 1) < 1e-6 and res.sigma > 0
+    assert res.log_likelihood == max(res.start_log_likelihoods)
+
+
+def test_ml2d_log_likelihood_never_decreases(easy):
+    img, _, _ = easy
+    res = ml2d(img[::2], 3, n_rotations=36, max_shift=2, n_starts=1, max_iter=8, tol=0, seed=1)
+    h = np.asarray(res.log_likelihood_history)
+    assert len(h) == 9
+    assert np.all(np.diff(h) >= -1e-6 * np.abs(h[1:]))
+
+
+def test_ml2d_uniform_prior_and_batches_agree(easy):
+    img, _, _ = easy
+    a = ml2d(img[:60], 2, n_rotations=24, max_shift=1, n_starts=1, max_iter=3, shift_prior="uniform", batch_size=7)
+    b = ml2d(img[:60], 2, n_rotations=24, max_shift=1, n_starts=1, max_iter=3, shift_prior="uniform",
+             cache_bytes=0)
+    assert np.array_equal(a.labels, b.labels)
+    assert np.allclose(a.log_likelihood_history, b.log_likelihood_history, rtol=1e-6)
+    assert a.offset_sigma is None
+
+
+def test_pose_convention(easy):
+    """rotate(reference, rotation_deg, shift) reproduces the image."""
+    _, _, refs = easy
+    ref = refs[:1]
+    angles = np.array([0.0, 40.0, 200.0, 310.0])
+    shifts = np.array([[0, 0], [1, -2], [-2, 1], [2, 2]], dtype=np.float32)
+    imgs = rotate(np.repeat(ref, 4, 0), angles, shifts)
+    imgs = imgs + np.random.default_rng(0).normal(0, 0.05, imgs.shape).astype(np.float32)
+    res = ml2d(imgs, 1, n_rotations=72, max_shift=3, init_references=ref, max_iter=2)
+    d = (res.rotation_deg - angles + 180) % 360 - 180
+    assert np.all(np.abs(d) <= 5.0 + 1e-6)
+    assert np.array_equal(res.shift, shifts)
+
+
+def test_scanner_shift_grid_and_fit():
+    s = PolarScanner(32, n_rotations=64, max_shift=3)
+    assert s.n_shifts == 29 and s.r_max == 12
+    assert np.all((s.shifts ** 2).sum(1) <= 9)
+    with pytest.raises(ValueError):
+        PolarScanner(16, max_shift=3, r_max=8)
