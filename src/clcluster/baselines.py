@@ -80,15 +80,20 @@ def invariant_kmeans(images, k: int, seed: int = 0, n_components: int = 30, meth
 
 
 def oracle_labels(images, references, n_rotations: int = 72, max_shift: float = 3, r_max: float | None = None,
-                  device="cpu", batch_size: int | None = None) -> np.ndarray:
+                  score: str = "matched", device="cpu", batch_size: int | None = None) -> np.ndarray:
     """Label of the true reference each image matches best: the ceiling at a given SNR.
 
     images (n, D, D); references (K, D, D): the clean projections prepared like the images
     (e.g. fourier_crop + normalise_background, no CTF: the images are phase-flipped but still
     carry |CTF|, so references multiplied by a typical |CTF| would match slightly better; kept
-    simple). Score = normalised cross-correlation (zero-mean, over a disc of radius r_max px around
-    each shifted centre, default D//2 - 1 - ceil(max_shift)), maximised over n_rotations in-plane
-    rotations and integer shifts |t| <= max_shift px. -> (n,) labels (index into references)."""
+    simple). Correlations are taken over a disc of radius r_max px around each shifted centre
+    (default D//2 - 1 - ceil(max_shift)) with zero-mean references; score="matched" divides by the
+    reference norm only (matched filter: the likelihood-ratio choice under white noise of unknown
+    amplitude), score="ncc" also by the zero-mean image window norm (normalised
+    cross-correlation). The score is maximised over n_rotations in-plane rotations and integer
+    shifts |t| <= max_shift px. -> (n,) labels (index into references)."""
+    if score not in ("matched", "ncc"):
+        raise ValueError(f"score must be 'matched' or 'ncc', not {score!r}")
     x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32))
     n, box = x.shape[0], x.shape[-1]
     kref = len(references)
@@ -102,9 +107,12 @@ def oracle_labels(images, references, n_rotations: int = 72, max_shift: float = 
     labels = np.empty(n, np.int64)
     for sl in scan.batches(n, kref, batch_size):
         p = scan.polar(x[sl].to(scan.device))  # (b, S, Nr, Na)
-        s1 = (p.sum(-1) * w).sum(-1)
-        s2 = (p.pow(2).sum(-1) * w).sum(-1)
-        pn = torch.sqrt(torch.clamp(s2 - s1 * s1 / (w.sum() * scan.n_rot), min=1e-12))  # (b, S)
+        if score == "ncc":
+            s1 = (p.sum(-1) * w).sum(-1)
+            s2 = (p.pow(2).sum(-1) * w).sum(-1)
+            pn = torch.sqrt(torch.clamp(s2 - s1 * s1 / (w.sum() * scan.n_rot), min=1e-12))  # (b, S)
+        else:
+            pn = torch.ones(p.shape[:2], device=p.device)
         c = scan.correlate(scan.spectrum(p), wq)  # (Na, b*S, K)
         b = sl.stop - sl.start
         c = c.reshape(scan.n_rot, b, scan.n_shifts, kref) / (pn[None, :, :, None] * qn)

@@ -92,14 +92,17 @@ def cmd_train(args) -> int:
         tc.steps = args.steps
     from . import distributed
 
-    init = getattr(distributed, "init_from_env", None)
-    if init is not None:
-        init()
-    apix = None
-    meta = Path(args.shards[0]).with_suffix(".json")
-    if meta.exists():
-        apix = json.loads(meta.read_text())["apix_A"]
-    out = train(args.shards, args.out, tc, seed=cfg["seed"], device=args.device or cfg["device"], apix=apix)
+    rank, _ = distributed.init_from_env()
+    if rank != 0:  # rank 0 alone logs progress; the others only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        apix = None
+        meta = Path(args.shards[0]).with_suffix(".json")
+        if meta.exists():
+            apix = json.loads(meta.read_text())["apix_A"]
+        out = train(args.shards, args.out, tc, seed=cfg["seed"], device=args.device or cfg["device"], apix=apix)
+    finally:
+        distributed.shutdown()
     log.info("trained %d steps, final loss %.4f, %.1f images/s", out["steps"], out["final_loss"], out["images_per_s"])
     return 0
 
@@ -147,14 +150,24 @@ def cmd_cluster(args) -> int:
 
 def cmd_export(args) -> int:
     from .data import ShardSet
-    from .export import export
+    from .export import ExportConfig, export
 
     cfg = _config(args)
+    ecfg = dict(cfg["export"])
+    if args.select:
+        ecfg["select"] = [int(c) for c in args.select.replace(",", " ").split()]
+    if args.average_box:
+        ecfg["average_box"] = args.average_box
     table = _read(args.particles, args.root or cfg.get("project_root"))
     a = dict(np.load(args.assignments))
     images = ShardSet(args.preprocessed)
     meta = json.loads(Path(args.preprocessed[0]).with_suffix(".json").read_text())
-    export(table, a, images, meta["apix_A"], args.classes or cfg["classes"], args.out_dir, cfg["export"]["gallery_columns"])
+    feats = np.concatenate([np.load(e, mmap_mode="r") for e in args.embeddings]) if args.embeddings else None
+    device = args.device or cfg["device"]
+    from .backend import torch_device
+
+    export(table, a, images, meta, args.classes or cfg["classes"], args.out_dir, ExportConfig.from_dict(ecfg),
+           embeddings=feats, device=str(torch_device(device)), seed=cfg["seed"])
     return 0
 
 
@@ -175,6 +188,24 @@ def cmd_score(args) -> int:
         from .io.atomic import write_text
 
         write_text(args.out, text)
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import METHODS, BenchmarkConfig, run_benchmark
+
+    cfg = _config(args)
+    bc = BenchmarkConfig(snrs=tuple(args.snrs), volumes=tuple(args.volumes), views=args.views,
+                         images_per_view=args.images_per_view, methods=tuple(args.methods or METHODS), seed=cfg["seed"],
+                         ml2d_starts=args.ml2d_starts)
+    ribosome = args.ribosome
+    if ribosome is None:
+        guess = Path(__file__).resolve().parents[3] / "shared/data/volumes/clean70SRibosome_vol_65p.mrc"
+        ribosome = str(guess) if guess.exists() else None
+    df = run_benchmark(bc, cfg, args.out_dir, ribosome)
+    from .benchmark import markdown_tables
+
+    print(markdown_tables(df))
     return 0
 
 
@@ -263,15 +294,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(s)
     s.set_defaults(func=cmd_cluster)
 
-    s = sub.add_parser("export", help="classified STAR, per-class STARs, class averages and gallery")
+    s = sub.add_parser("export", help="classified and selected STARs, aligned CTF-aware class averages, class quality, .cs, pictures")
     s.add_argument("particles", help="the input particle file (all its columns are kept)")
     s.add_argument("--assignments", required=True, help="assignments.npz from cluster")
     s.add_argument("--preprocessed", nargs="+", required=True, help="preprocessed shards, shard order")
     s.add_argument("--classes", type=int)
     s.add_argument("--out-dir", required=True)
     s.add_argument("--root", help="project root for relative stack paths")
+    s.add_argument("--embeddings", nargs="+", help="embeddings/shard_{i}.npy in input order (for the t-SNE map)")
+    s.add_argument("--select", help="classes to keep in particles_selected.star, e.g. '3,7' (default: config "
+                                    "export.select, else the automatic good/junk suggestion)")
+    s.add_argument("--average-box", choices=["input", "working"],
+                   help="average the original images at the input box (CTF-aware) or the preprocessed ones")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
     _add_config(s)
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("benchmark", help="accuracy of every method over an SNR grid on simulated data",
+                       description="Simulate K views x N images per volume (box 64), add noise at each SNR, run "
+                                   "CL-Clustering (alignment-free stage and full), the refinement from random starts, "
+                                   "ML2D, PCA + K-means, invariant features + spectral clustering and the oracle on the "
+                                   "same stacks; write results.csv, results.md and accuracy_vs_snr.png. The CL methods "
+                                   "use the config's preprocess/train/cluster settings, i.e. the pipeline's defaults.")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--snrs", type=float, nargs="+", default=[0.25, 0.1, 0.05, 0.02, 0.01])
+    s.add_argument("--volumes", nargs="+", default=["builtin:0", "ribosome"], help="builtin:N or 'ribosome'")
+    s.add_argument("--views", type=int, default=10, help="K views per volume")
+    s.add_argument("--images-per-view", type=int, default=200)
+    s.add_argument("--methods", nargs="+", help="subset of the methods (default: all)")
+    s.add_argument("--ml2d-starts", type=int, default=3, help="ML2D random starts (best log-likelihood kept)")
+    s.add_argument("--ribosome", help="ribosome map (default: shared/data/volumes beside the repository)")
+    _add_config(s)
+    s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("score", help="accuracy, ARI and NMI of a clustering against simulated truth")
     s.add_argument("--assignments", required=True)

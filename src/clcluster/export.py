@@ -1,19 +1,33 @@
-"""Exports: classified STAR (every input column and the optics block kept, _rlnClassNumber added),
-one STAR per class, class averages (.mrcs) and a gallery PNG, a summary."""
+"""Exports: classified STAR (every input column and the optics block kept; class, in-plane pose and
+per-particle certainty added), one STAR per class, the selected particles, CTF-aware aligned class
+averages (.mrcs + a model STAR), per-class quality and ranking, a cryoSPARC .cs, pictures.
+
+Columns written per particle (existing columns of the same name are replaced):
+  _rlnClassNumber (1..K), _rlnAnglePsi (deg), _rlnOriginXAngst/_rlnOriginYAngst (Å; RELION 3.1+
+  flavour) or _rlnOriginX/_rlnOriginY (px of the input images; 3.0 flavour, no optics block),
+  _rlnClclusterDistance, _rlnClclusterMargin (embedding distance to the own centroid and margin to
+  the second nearest; RELION 3.1+ keeps unknown labels with a warning), _rlnClclusterScore (NCC
+  with the class average).
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from .align import to_reference_frame
+from .averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses, relion_pose,
+                       split_halves, wiener_class_averages)
 from .io.atomic import atomic_path, write_text
-from .io.mrc import write_stack
+from .io.mrc import StackError, write_stack
 from .io.star import ParticleTable, write_star
 
 log = logging.getLogger(__name__)
+
+AVERAGES = "class_averages.mrcs"
 
 
 class IntegrityError(RuntimeError):
@@ -32,69 +46,321 @@ def check_complete(n_input: int, rows: np.ndarray, what: str) -> None:
 
 
 def class_averages(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, batch: int = 1024) -> np.ndarray:
-    """Class means (k, box, box) of images (n, box, box) (array-like, read in batches), each
-    particle brought into its class's frame first when a pose is given."""
-    box = images.shape[-1] if hasattr(images, "shape") else images.box
-    sums = np.zeros((k, box, box), np.float64)
-    for s in range(0, len(labels), batch):
-        x = np.asarray(images[s:s + batch], dtype=np.float32)
-        if angle_deg is not None:
-            x = to_reference_frame(x, angle_deg[s:s + batch], shift_px[s:s + batch])
-        np.add.at(sums, labels[s:s + batch], x)
-    counts = np.bincount(labels, minlength=k)
-    return (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+    """Plain (aligned when a pose is given) class means; see `averages.aligned_means`."""
+    return aligned_means(images, labels, k, angle_deg, shift_px, batch)
 
 
-def gallery(averages: np.ndarray, counts: np.ndarray, path, columns: int = 10, order=None, titles=None) -> None:
-    """A PNG of the class averages, labelled with class number and size."""
+@dataclasses.dataclass
+class ExportConfig:
+    """See config.schema.yaml `export:`."""
+
+    gallery_columns: int = 10
+    align_iterations: int = 4
+    align_angles: int = 128
+    align_max_shift_px: int = 2
+    start_from_cluster_pose: bool = True
+    average_box: str = "input"  # input | working
+    wiener_snr: float = 1.0
+    frc_threshold: float = 0.143
+    junk_resolution_A: float = 25.0
+    min_class_fraction: float = 0.01
+    select: list = dataclasses.field(default_factory=list)
+    write_poses: bool = True
+    clcluster_columns: bool = True
+    cryosparc: bool = True
+    tsne_max_points: int = 2000
+    batch_size: int = 256
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+# ---- pictures ------------------------------------------------------------------------------------
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def gallery(averages: np.ndarray, counts: np.ndarray, path, columns: int = 10, order=None, titles=None, junk=None) -> None:
+    """A PNG of the class averages in `order`, each titled (class number, size, resolution)."""
+    plt = _plt()
     k = len(averages)
     order = np.arange(k) if order is None else np.asarray(order)
-    cols = min(columns, k)
+    cols = max(1, min(columns, k))
     rows = -(-k // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for pos, j in enumerate(order):
         ax = axes.ravel()[pos]
         ax.imshow(averages[j], cmap="gray")
-        ax.set_title(titles[j] if titles is not None else f"class {j + 1}\nn={counts[j]}", fontsize=7)
+        ax.set_title(titles[j] if titles is not None else f"class {j + 1}\nn={counts[j]}", fontsize=7,
+                     color="firebrick" if junk is not None and junk[j] else "black")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
-def export(table: ParticleTable, assignments: dict, images, apix: float, k: int, out_dir, gallery_columns: int = 10) -> dict:
-    """Write the exports into `out_dir`. `assignments` holds per-input-row arrays ("labels",
-    optionally "angle_deg", "shift_px", "distance", "margin"); `images` are the preprocessed
-    particles in input order (array-like (n, box, box)) at `apix` Å/px."""
+def frc_plot(curves: np.ndarray, box: int, apix: float, threshold: float, path, order=None) -> None:
+    plt = _plt()
+    freq = np.arange(curves.shape[-1]) / (box * apix)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j in (order if order is not None else range(len(curves))):
+        ax.plot(freq[1:], curves[j, 1:], lw=1, label=f"class {j + 1}")
+    ax.axhline(threshold, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FRC of half-set averages")
+    ax.set_ylim(-0.2, 1.02)
+    if len(curves) <= 12:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def embedding_map(features: np.ndarray, labels: np.ndarray, path, max_points: int = 2000, seed: int = 0) -> dict:
+    """t-SNE (scikit-learn) of a random subsample of the embeddings, coloured by class."""
+    from sklearn.manifold import TSNE
+
+    plt = _plt()
+    rng = np.random.default_rng(seed)
+    n = len(features)
+    rows = np.sort(rng.choice(n, size=min(n, max_points), replace=False))
+    x = np.asarray(features[rows], dtype=np.float32)
+    perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3.0)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed).fit_transform(x)
+    lab = np.asarray(labels)[rows]
+    k = int(np.asarray(labels).max()) + 1
+    fig, ax = plt.subplots(figsize=(6, 5.4))
+    cmap = plt.get_cmap("tab20" if k > 10 else "tab10")
+    ax.scatter(xy[:, 0], xy[:, 1], c=[cmap(j % cmap.N) for j in lab], s=4, linewidths=0)
+    for j in np.unique(lab):
+        c = np.median(xy[lab == j], axis=0)
+        ax.text(c[0], c[1], str(j + 1), fontsize=8, weight="bold", ha="center", va="center")
+    ax.set_title(f"t-SNE of {len(rows)} of {n} embeddings, coloured by class", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return {"points": int(len(rows)), "perplexity": perplexity}
+
+
+# ---- STAR / cryoSPARC writers -------------------------------------------------------------------------
+def write_model_star(path, quality: pd.DataFrame, apix: float, box: int, criterion: float) -> None:
+    """RELION-style model STAR: data_model_general + data_model_classes (one row per class)."""
+    import starfile
+
+    k = len(quality)
+    general = {"rlnReferenceDimensionality": 2, "rlnNrClasses": k, "rlnPixelSize": float(apix),
+               "rlnOriginalImageSize": int(box), "rlnClclusterFrcCriterion": float(criterion)}
+    classes = pd.DataFrame({
+        "rlnReferenceImage": [f"{j:06d}@{AVERAGES}" for j in range(1, k + 1)],
+        "rlnClassDistribution": quality["fraction"].to_numpy(dtype=np.float64),
+        "rlnEstimatedResolution": quality["resolution_A"].to_numpy(dtype=np.float64),
+        "rlnClclusterClassSize": quality["particles"].to_numpy(dtype=np.int64),
+        "rlnClclusterRank": quality["rank"].to_numpy(dtype=np.int64),
+        "rlnClclusterSelected": quality["selected"].to_numpy().astype(np.int64),
+        "rlnClclusterMeanDistance": quality["mean_distance"].to_numpy(dtype=np.float64),
+    })
+    with atomic_path(path) as tmp:
+        starfile.write({"model_general": general, "model_classes": classes}, tmp, overwrite=True)
+
+
+def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float) -> np.ndarray:
+    """A cryoSPARC particle dataset (NumPy structured array, as `cryosparc-tools`' Dataset saves
+    it): uid, blob/*, ctf/*, alignments2D/{class, pose, shift, psize_A}.
+
+    blob/path is the resolved stack path; alignments2D/pose = psi in radians and
+    alignments2D/shift = RELION's origin in px of blob/psize_A (the mapping of pyem's
+    csparc2star)."""
+    from .ctf import CTFParams
+    from .averages import has_ctf
+
+    n = len(table)
+    paths, idx = table.image_refs()
+    apix = table.pixel_size().astype(np.float32)
+    box = table.column("rlnImageSize")
+    if box is None:
+        from .io.mrc import stack_shape
+
+        box = np.full(n, stack_shape(paths[0])[-1]) if n else np.zeros(0)
+    spaths = np.array([str(p) for p in paths], dtype=object)
+    width = max(8, max((len(s.encode()) for s in spaths), default=8))
+    dt = [("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+          ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("blob/import_sig", "<u8"),
+          ("ctf/type", "S8"), ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+          ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
+          ("ctf/phase_shift_rad", "<f4"), ("ctf/scale", "<f4"), ("ctf/scale_const", "<f4"),
+          ("ctf/shift_A", "<f4", (2,)), ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)),
+          ("ctf/tetra_A", "<f4", (4,)), ("ctf/anisomag", "<f4", (4,)), ("ctf/bfactor", "<f4"),
+          ("alignments2D/split", "<u4"), ("alignments2D/shift", "<f4", (2,)), ("alignments2D/pose", "<f4"),
+          ("alignments2D/psize_A", "<f4"), ("alignments2D/error", "<f4"), ("alignments2D/class_posterior", "<f4"),
+          ("alignments2D/class", "<u4"), ("alignments2D/class_ess", "<f4")]
+    cs = np.zeros(n, dtype=dt)
+    rng = np.random.default_rng(20240607)
+    cs["uid"] = rng.integers(1, 2 ** 63, size=n, dtype=np.uint64)
+    cs["blob/path"] = np.char.encode(spaths.astype(str), "utf-8")
+    cs["blob/idx"] = idx
+    cs["blob/shape"] = np.stack([np.asarray(box), np.asarray(box)], axis=1)
+    cs["blob/psize_A"] = apix
+    cs["blob/sign"] = -1.0
+    cs["ctf/type"] = b"imported"
+    if "rlnOpticsGroup" in table.particles:
+        cs["ctf/exp_group_id"] = table.particles["rlnOpticsGroup"].to_numpy()
+    else:
+        cs["ctf/exp_group_id"] = 1
+    if has_ctf(table):
+        p = CTFParams.from_table(table)
+        cs["ctf/accel_kv"] = p.voltage
+        cs["ctf/cs_mm"] = p.cs
+        cs["ctf/amp_contrast"] = p.amplitude_contrast
+        cs["ctf/df1_A"] = p.defocus_u
+        cs["ctf/df2_A"] = p.defocus_v
+        cs["ctf/df_angle_rad"] = np.deg2rad(p.defocus_angle)
+        cs["ctf/phase_shift_rad"] = np.deg2rad(p.phase_shift)
+        cs["ctf/bfactor"] = p.bfactor
+    scale = table.column("rlnCtfScalefactor")
+    cs["ctf/scale"] = 1.0 if scale is None else np.asarray(scale, dtype=np.float32)
+    cs["ctf/scale_const"] = 0
+    cs["alignments2D/pose"] = np.deg2rad(np.asarray(psi_deg, dtype=np.float64))
+    cs["alignments2D/shift"] = np.asarray(origin_A, dtype=np.float64) / align_apix
+    cs["alignments2D/psize_A"] = align_apix
+    cs["alignments2D/class_posterior"] = 1.0
+    cs["alignments2D/class"] = np.asarray(classes0)
+    cs["alignments2D/class_ess"] = 1.0
+    return cs
+
+
+def write_cs(path, cs: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, cs)
+
+
+# ---- the export step ------------------------------------------------------------------------------------
+def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_dir, cfg: ExportConfig | dict | int | None = None,
+           embeddings=None, device: str = "cpu", seed: int = 0) -> dict:
+    """Write the exports into `out_dir`.
+
+    assignments: per-input-row arrays ("labels", optionally "angle_deg", "shift_px", "distance",
+    "margin"); images: the preprocessed particles in input order (array-like (n, box, box));
+    meta: the preprocessed shards' sidecar (apix_A of `images`, input_apix_A, ...) or just the
+    working pixel size in Å/px; embeddings: (n, d) features in input order (for the t-SNE map)."""
+    if isinstance(cfg, int):  # older signature: gallery_columns
+        cfg = ExportConfig(gallery_columns=cfg)
+    cfg = cfg if isinstance(cfg, ExportConfig) else ExportConfig.from_dict(cfg)
+    meta = {"apix_A": float(meta)} if not isinstance(meta, dict) else dict(meta)
     out_dir = Path(out_dir)
     labels = np.asarray(assignments["labels"], dtype=np.int64)
     n = len(table)
     if len(labels) != n:
         raise IntegrityError(f"{len(labels)} labels for {n} input particles")
+    if n == 0:
+        raise IntegrityError("no particles to export")
     if labels.min() < 0 or labels.max() >= k:
         raise IntegrityError(f"labels outside 1..{k}")
+    if len(images) != n:
+        raise IntegrityError(f"{len(images)} preprocessed images for {n} input particles")
+    work_apix = float(meta["apix_A"])
+    counts = np.bincount(labels, minlength=k)
+
+    # 1. in-plane poses: reference-free alignment within each class, at the working box
+    start = assignments.get("angle_deg") if cfg.start_from_cluster_pose else None
+    poses = refine_class_poses(images, labels, k, start, assignments.get("shift_px") if start is not None else None,
+                               iterations=cfg.align_iterations, n_angles=cfg.align_angles,
+                               max_shift_px=cfg.align_max_shift_px, device=device, seed=seed)
+    psi, ox_A, oy_A = relion_pose(poses.angle_deg, poses.shift_px, work_apix)
+
+    # 2. CTF-aware averages of the original images (working-box means as the fallback)
+    halves = split_halves(labels, seed)
+    avg_where = cfg.average_box
+    if avg_where == "input":
+        in_apix = float(np.median(table.pixel_size()))
+        try:
+            wa = wiener_class_averages(table, labels, k, poses.angle_deg, poses.shift_px * (work_apix / in_apix),
+                                       snr=cfg.wiener_snr, halves=halves, batch_size=cfg.batch_size)
+            avgs, half_avgs, avg_apix = wa.full, wa.halves, wa.apix
+        except (StackError, FileNotFoundError, OSError) as e:
+            log.warning("cannot read the original images (%s); averaging the preprocessed images instead", e)
+            avg_where = "working"
+    if avg_where == "working":
+        avgs = aligned_means(images, labels, k, poses.angle_deg, poses.shift_px)
+        half_avgs = np.stack([aligned_means(images, np.where(halves == h, labels, k), k + 1, poses.angle_deg,
+                                            poses.shift_px)[:k] for h in (0, 1)])
+        avg_apix = work_apix
+    res_A, curves = half_set_resolution(half_avgs, avg_apix, cfg.frc_threshold)
+    res_A = np.where(counts >= 2, res_A, np.nan)
+
+    # 3. quality, ranking, selection
+    quality = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
+                            cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select)
+    order = np.argsort(quality["rank"].to_numpy())
+    selected_classes = quality.loc[quality["selected"], "class"].to_numpy()
+    box = avgs.shape[-1]
+
+    # 4. files
+    write_stack(out_dir / AVERAGES, avgs, avg_apix)
+    write_model_star(out_dir / "class_averages.star", quality, avg_apix, box, cfg.frc_threshold)
+    with atomic_path(out_dir / "class_quality.csv") as tmp:
+        quality.to_csv(tmp, index=False, float_format="%.4g")
+    titles = [f"class {j + 1}  n={counts[j]}\n" + (f"{res_A[j]:.1f} Å" if np.isfinite(res_A[j]) else "–")
+              + ("  junk" if quality["suggestion"][j] == "junk" else "") for j in range(k)]
+    gallery(avgs, counts, out_dir / "class_averages.png", cfg.gallery_columns, order, titles,
+            junk=(quality["suggestion"] == "junk").to_numpy())
+    frc_plot(curves, box, avg_apix, cfg.frc_threshold, out_dir / "frc.png", order[: min(k, 12)])
+    tsne = None
+    if embeddings is not None:
+        if len(embeddings) != n:
+            log.warning("%d embeddings for %d particles: no embedding map", len(embeddings), n)
+        else:
+            tsne = embedding_map(np.asarray(embeddings), labels, out_dir / "embedding_map.png", cfg.tsne_max_points, seed)
+
     parts = table.particles.copy()
     parts["rlnClassNumber"] = labels + 1
+    if cfg.write_poses:
+        parts["rlnAnglePsi"] = psi
+        if table.optics is not None:
+            parts["rlnOriginXAngst"], parts["rlnOriginYAngst"] = ox_A, oy_A
+        else:  # RELION <= 3.0: origins in px of the particle images
+            in_apix = table.pixel_size()
+            parts["rlnOriginX"], parts["rlnOriginY"] = ox_A / in_apix, oy_A / in_apix
+    if cfg.clcluster_columns:
+        for col, key in (("rlnClclusterDistance", "distance"), ("rlnClclusterMargin", "margin")):
+            if assignments.get(key) is not None:
+                parts[col] = np.asarray(assignments[key], dtype=np.float64)
+        parts["rlnClclusterScore"] = np.asarray(poses.score, dtype=np.float64)
     classified = table.with_particles(parts)
-    counts = np.bincount(labels, minlength=k)
     for j in range(k):
         write_star(out_dir / "classes" / f"class_{j + 1:03d}.star", classified.subset(np.flatnonzero(labels == j)))
-    pose = assignments.get("angle_deg")
-    avgs = class_averages(images, labels, k, pose, assignments.get("shift_px") if pose is not None else None)
-    write_stack(out_dir / "class_averages.mrcs", avgs, apix)
-    order = np.argsort(-counts)
-    gallery(avgs, counts, out_dir / "class_averages.png", gallery_columns, order)
-    summary = {"particles": n, "classes": k, "class_sizes": counts.tolist(), "aligned_averages": pose is not None,
-               "average_apix_A": apix}
+    sel_rows = np.flatnonzero(np.isin(labels + 1, selected_classes))
+    write_star(out_dir / "particles_selected.star", classified.subset(sel_rows))
+    if cfg.cryosparc:
+        cs = cs_array(table, psi, np.stack([ox_A, oy_A], axis=1), labels, work_apix)
+        write_cs(out_dir / "particles_classified.cs", cs)
+        write_cs(out_dir / "particles_selected.cs", cs[sel_rows])
+    summary = {
+        "particles": n, "classes": k, "class_sizes": counts.tolist(), "selected_classes": selected_classes.tolist(),
+        "selected_particles": int(len(sel_rows)), "selection": "user list export.select" if cfg.select else
+        f"automatic: resolution <= {cfg.junk_resolution_A} Å and fraction >= {cfg.min_class_fraction}",
+        "averages": {"box": int(box), "apix_A": avg_apix, "from": "original images, CTF-aware (Wiener)"
+                     if avg_where == "input" else "preprocessed images (aligned means)", "wiener_snr": cfg.wiener_snr},
+        "frc_criterion": cfg.frc_threshold, "resolution_A": [None if not np.isfinite(r) else round(float(r), 2) for r in res_A],
+        "rank_order": (order + 1).tolist(), "alignment_mean_ncc": poses.history,
+        "started_from_cluster_pose": start is not None, "embedding_map": tsne,
+    }
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     # the classified STAR last: its presence means the export is complete
     write_star(out_dir / "particles_classified.star", classified)
-    log.info("exported %d particles in %d classes to %s", n, k, out_dir)
+    log.info("exported %d particles in %d classes to %s; selected classes %s (%d particles)", n, k, out_dir,
+             selected_classes.tolist(), len(sel_rows))
     return summary

@@ -39,7 +39,7 @@ class PolarEncoder(nn.Module):
         self.register_buffer("grid", polar_sampling_grid(box, n_radii, n_angles, r_max=r_max), persistent=False)
         layers, c_in = [], 1
         for c_out, s in zip(channels, angle_strides):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=(1, s), padding=(1, 0)), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=(1, s), padding=(1, 0), bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         self.convs = nn.ModuleList(layers)
         self.fc = nn.Linear(2 * c_in * n_radii, feature_dim)
@@ -67,7 +67,7 @@ class PlainCNN(nn.Module):
         super().__init__()
         layers, c_in = [], 1
         for i, c_out in enumerate(channels):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, feature_dim)
@@ -94,7 +94,93 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         d = encoder.feature_dim
-        self.head = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, projection_dim))
+        self.head = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, projection_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of each rank's input is the sum of the output gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x)
+
+
+class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics are taken over all ranks (what torch's SyncBatchNorm does,
+    which runs on CUDA only), on any device, with gradients through the statistics. Same
+    parameters, buffers and state_dict keys as BatchNorm1d/2d; plain BatchNorm on one process
+    or in eval mode. Two passes (mean, then centred variance) as a single-process BatchNorm does."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xd = x.double()
+        n_local = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        s = all_reduce(torch.cat([xd.sum(dims), n_local]))
+        n = s[-1]
+        mean = s[:-1] / n
+        var = all_reduce(((xd - mean.view(shape)) ** 2).sum(dims)) / n
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_((var * n / (n - 1)).to(self.running_var.dtype), alpha=m)
+        y = (xd - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        y = y.to(x.dtype)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """BatchNorm layers → statistics over all ranks: torch's SyncBatchNorm on CUDA,
+    `CrossRankBatchNorm` elsewhere (torch's refuses CPU tensors). Call after moving the model to
+    its device: the parameters' device picks the implementation."""
+    p = next(module.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossRankBatchNorm):
+        out = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats, device=dev, dtype=module.weight.dtype if module.affine else None)
+        with torch.no_grad():
+            if module.affine:
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+            if module.track_running_stats:
+                out.running_mean.copy_(module.running_mean)
+                out.running_var.copy_(module.running_var)
+                out.num_batches_tracked.copy_(module.num_batches_tracked)
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child))
+    return out

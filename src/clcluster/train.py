@@ -23,9 +23,28 @@ from .backend import choose_array_module, to_torch, torch_device
 from .data import BatchPlan, ShardSet
 from .io.atomic import atomic_path, write_text
 from .losses import nt_xent
-from .models import ContrastiveModel, build_encoder
+from .models import ContrastiveModel, build_encoder, convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
+
+# Augmentation is seeded per group of this many consecutive particles of the global batch
+# (seed, step, group), so that the views of a particle do not depend on the number of ranks as
+# long as the per-rank batch is a multiple of it: 1 rank and N ranks train on the same views.
+AUGMENT_GROUP = 16
+
+
+def make_views(x, aug: AugmentConfig, seed: int, step: int, offset: int, apix: float, xp):
+    """Two views of the local images `x`, which sit at `offset` in the global batch of `step`."""
+    g = math.gcd(len(x), AUGMENT_GROUP) or 1
+    if offset % g:
+        g = math.gcd(g, offset)
+    v1, v2 = [], []
+    for j in range(0, len(x), g):
+        rng = xp.random.default_rng([seed, 3, step, (offset + j) // g])
+        a, b = two_views(x[j:j + g], aug, rng, apix)
+        v1.append(a)
+        v2.append(b)
+    return xp.concatenate(v1), xp.concatenate(v2)
 
 
 @dataclasses.dataclass
@@ -41,6 +60,7 @@ class TrainConfig:
     projection_dim: int = 64
     threads: int = 0
     checkpoint_minutes: float = 5.0
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9; its updates are linear in the gradient)
     subset: int = 0
     augment: dict = dataclasses.field(default_factory=dict)
 
@@ -84,11 +104,15 @@ def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = 
     data = ShardSet(shard_paths)
     plan = BatchPlan(len(data), cfg.batch_size, seed, cfg.subset or None, rank, world)
     aug = AugmentConfig.from_dict(cfg.augment)
-    model = ContrastiveModel(build_encoder(cfg.encoder, data.box, cfg.feature_dim), cfg.projection_dim)
-    if world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(tdev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    model = ContrastiveModel(build_encoder(cfg.encoder, data.box, cfg.feature_dim), cfg.projection_dim).to(tdev)
+    if world > 1:  # batch statistics over the global batch, as on one process
+        model = convert_sync_batchnorm(model)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    else:
+        raise ValueError(f"train.optimizer must be adamw or sgd, not {cfg.optimizer!r}")
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1))))
@@ -127,8 +151,7 @@ def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = 
         for step in range(start, cfg.steps):
             idx = plan.batch(step)
             x = xp.asarray(data.take(idx))
-            rng = xp.random.default_rng([seed, 3, step, rank])
-            v1, v2 = two_views(x, aug, rng, apix or 1.0)
+            v1, v2 = make_views(x, aug, seed, step, rank * len(idx), apix or 1.0, xp)
             v1, v2 = to_torch(v1).to(tdev), to_torch(v2).to(tdev)
             with torch.autocast(device_type=tdev.type, dtype=torch.bfloat16, enabled=use_amp):
                 z = ddp(torch.cat([v1, v2]))
@@ -138,14 +161,20 @@ def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = 
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            # one small collective per step: the global loss, and whether any rank was signalled
+            # or rank 0's checkpoint timer ran out, so that all ranks checkpoint/stop at one step
+            timer = rank == 0 and cfg.checkpoint_minutes > 0 and time.time() - last_ckpt > 60 * cfg.checkpoint_minutes
+            loss_sum, n_signalled, n_timer = dist_utils.all_reduce_sum(
+                [float(loss.detach()), stop["signal"] is not None, timer])
+            losses.append(loss_sum / world)
             seen += len(idx) * world
             if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
                 log.info("step %d/%d loss %.4f (%.0f img/s)", step + 1, cfg.steps, np.mean(losses[-10:]), seen / (time.time() - t0))
-            if stop["signal"] is not None:
+            if n_signalled:
+                stop["signal"] = stop["signal"] or signal.SIGTERM
                 checkpoint(step + 1)
                 raise _Preempted()
-            if cfg.checkpoint_minutes > 0 and time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
+            if n_timer:
                 checkpoint(step + 1)
                 last_ckpt = time.time()
     except _Preempted:

@@ -1,4 +1,6 @@
-# Classified STAR, per-class STARs, class averages, gallery; the demo's score against its truth.
+# Classified and selected STARs, aligned CTF-aware class averages + model STAR, class quality,
+# cryoSPARC .cs, pictures (gallery, FRC, t-SNE map, loss curve) flagged for `snakemake --report`;
+# the demo's score against its truth.
 
 
 rule export_classes:
@@ -6,12 +8,21 @@ rule export_classes:
         star=particles_file(),
         assignments=rules.cluster_embeddings.output.assignments,
         images=per_shard(f"{R}/preprocessed/shard_{{shard}}.npy"),
+        embeddings=per_shard(f"{R}/embeddings/shard_{{shard}}.npy"),
+        loss_plot=rules.train_encoder.output.plot,
         config=rules.save_config.output[0],
     output:
         star=f"{R}/export/particles_classified.star",
+        selected=f"{R}/export/particles_selected.star",
         averages=f"{R}/export/class_averages.mrcs",
-        gallery=f"{R}/export/class_averages.png",
-        summary=f"{R}/export/summary.json",
+        model=f"{R}/export/class_averages.star",
+        gallery=report(f"{R}/export/class_averages.png", caption="../report/gallery.rst", category="1. Classes"),
+        quality=report(f"{R}/export/class_quality.csv", caption="../report/quality.rst", category="1. Classes"),
+        frc=report(f"{R}/export/frc.png", caption="../report/frc.rst", category="1. Classes"),
+        embedding_map=report(f"{R}/export/embedding_map.png", caption="../report/embedding_map.rst",
+                             category="2. Embedding"),
+        loss_plot=report(f"{R}/export/encoder_loss.png", caption="../report/loss.rst", category="3. Training"),
+        summary=report(f"{R}/export/summary.json", caption="../report/summary.rst", category="4. Run"),
         classes=directory(f"{R}/export/classes"),
     params:
         root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
@@ -19,11 +30,15 @@ rule export_classes:
         f"{R}/logs/export_classes.log",
     benchmark:
         f"{R}/benchmarks/export_classes.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
     conda:
         ENV
     shell:
         "clcluster export {input.star:q} --assignments {input.assignments:q} --preprocessed {input.images:q} "
-        "--out-dir {R:q}/export --config {input.config:q} {params.root} > {log:q} 2>&1"
+        "--embeddings {input.embeddings:q} --out-dir {R:q}/export --config {input.config:q} {params.root} "
+        "> {log:q} 2>&1 && cp {input.loss_plot:q} {output.loss_plot:q}"
 
 
 rule score_demo:

@@ -1,4 +1,14 @@
 # Contrastive training over all shards: one process locally, DDP ranks under SLURM.
+#
+# `launcher` is what starts the ranks; the command is `{launcher} clcluster train ...`:
+#   ""                                                  one process (default; CPU or one GPU)
+#   "torchrun --standalone --nproc-per-node=4 --no-python"   4 GPUs of one workstation
+#   "srun -n 2 -c 1"                                    2 ranks of a SLURM job (profiles/slurm)
+# Under the SLURM executor the profile also sets `tasks` (= ranks) and `mpi: "srun"`: the plugin
+# then submits `sbatch --ntasks=N` and runs this shell directly in the allocation (no wrapping
+# one-task srun, which would make a nested `srun -n N` deadlock). The plugin strips SLURM_*
+# variables from this shell, so the launcher must name the task count (-n) and, when
+# cpus_per_task > 1, -c. `clcluster train` finds its rank from srun's or torchrun's variables.
 
 
 rule train_encoder:

@@ -1,0 +1,282 @@
+"""Class averages and per-class quality: reference-free in-plane alignment within each class
+(polar cross-correlation from `align`), CTF-aware (Wiener) averaging of the ORIGINAL images at
+the input box and pixel size, Fourier ring correlation of half-set averages.
+
+Pose convention (as `align`): image ≈ shift_by(s) ∘ rotate_by(a) (class average), angle a in
+degrees as `imageops.rotate` takes it, shift s = (dx, dy) px. This equals RELION's in-plane
+convention with rlnAnglePsi = a and rlnOrigin{X,Y} = -s (see `relion_pose`).
+
+Wiener average of class j (per Fourier component k, in the class frame):
+
+    A_j(k) = sum_i CTF_i(k) X_i(k) / (sum_i CTF_i(k)^2 + 1/snr)
+
+with X_i the particle brought into the class frame and CTF_i its CTF rotated with it
+(astigmatism angle + a_i); `snr` is the assumed per-component SNR of one image
+(config export.wiener_snr).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
+from .ctf import CTF_LABELS, CTFParams, ctf_2d
+from .imageops import circular_mask, normalise_background
+from .io.mrc import read_images
+
+log = logging.getLogger(__name__)
+
+
+# ---- alignment within each class ---------------------------------------------------------------
+def aligned_means(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, batch: int = 1024) -> np.ndarray:
+    """Plain class means (k, box, box) of images (n, box, box) (array-like, read in batches),
+    each particle brought into its class frame first when a pose is given."""
+    box = images.shape[-1] if hasattr(images, "shape") else images.box
+    labels = np.asarray(labels)
+    sums = np.zeros((k, box, box), np.float64)
+    for s in range(0, len(labels), batch):
+        x = np.asarray(images[s:s + batch], dtype=np.float32)
+        if angle_deg is not None:
+            x = to_reference_frame(x, angle_deg[s:s + batch], shift_px[s:s + batch])
+        np.add.at(sums, labels[s:s + batch], x)
+    counts = np.bincount(labels, minlength=k)
+    return (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+
+
+@dataclasses.dataclass
+class ClassPoses:
+    angle_deg: np.ndarray  # (n,) a of the pose, degrees
+    shift_px: np.ndarray  # (n, 2) s of the pose, px of the images aligned (working box)
+    score: np.ndarray  # (n,) NCC with the class average
+    history: list  # mean NCC per iteration
+
+
+def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, iterations: int = 4,
+                       n_angles: int = 128, max_shift_px: int = 2, device: str = "cpu", batch_size: int = 512,
+                       seed: int = 0) -> ClassPoses:
+    """Reference-free alignment of every particle to its own class's running average.
+
+    Starts from the given pose (average of the particles brought into their frames) or, without
+    one, from the rotationally averaged class mean (which fixes only the centre; a faint random
+    perturbation breaks the rotational symmetry). Each iteration aligns every particle over all
+    n_angles rotations and integer shifts within max_shift_px against its class average (one FFT
+    along the polar angle, `align.align_all` with the class as the only candidate), then rebuilds
+    the averages from the aligned particles."""
+    labels = np.asarray(labels, dtype=np.int64)
+    box = images.shape[-1] if hasattr(images, "shape") else images.box
+    pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
+    cache = PolarCache(images, pg, device=device, batch_size=batch_size)
+    centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
+    if angle_deg is not None:
+        means = aligned_means(images, labels, k, angle_deg, shift_px, batch_size)
+        refs = polar_transform(torch.as_tensor(means, device=cache.device), pg, cache.grid)[:, centre]
+    else:
+        refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, n_angles).clone()
+        g = torch.Generator().manual_seed(seed)
+        refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+    candidates = labels[:, None]
+    history = []
+    res = None
+    for it in range(max(1, iterations)):
+        res, new_refs, _ = align_all(cache, refs, candidates)
+        history.append(float(res.score.mean()))
+        log.info("class-average alignment iteration %d: mean NCC with own class %.4f", it + 1, history[-1])
+        refs = new_refs
+    return ClassPoses(res.angle_deg.astype(np.float64), res.shift_px.astype(np.float64), res.score, history)
+
+
+def relion_pose(angle_deg, shift_px, apix_A: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rlnAnglePsi [deg, in (-180, 180]], rlnOriginXAngst, rlnOriginYAngst) of poses (a, s)
+    whose shifts are px at apix_A Å/px.
+
+    RELION (Conventions, `Projector::rotate2D`): the observation is the reference rotated by
+    psi (output pixel p samples the reference at A(psi)^T p, the same map as imageops.rotate
+    by a), and the origin offsets shift the observation into the reference frame (relion_
+    reconstruct shifts each image by +origin before back-projection; re-centring picks is
+    coordinate - origin). Our pose moves the reference by +s, so origin = -s."""
+    psi = (np.asarray(angle_deg, dtype=np.float64) + 180.0) % 360.0 - 180.0
+    psi[psi == -180.0] = 180.0
+    s = np.asarray(shift_px, dtype=np.float64).reshape(-1, 2) * apix_A
+    return psi, -s[:, 0], -s[:, 1]
+
+
+# ---- CTF-aware averaging of the original images -----------------------------------------------------
+def has_ctf(table) -> bool:
+    return all(table.column(c) is not None for c in CTF_LABELS)
+
+
+@dataclasses.dataclass
+class WienerAverages:
+    full: np.ndarray  # (k, box, box) float32
+    halves: np.ndarray  # (2, k, box, box) float32
+    apix: float
+    counts: np.ndarray  # (k,)
+
+
+def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px, *, snr: float = 1.0,
+                          halves: np.ndarray | None = None, batch_size: int = 256, ctf: bool = True) -> WienerAverages:
+    """CTF-aware class averages from the particles' ORIGINAL images (read through
+    `io.mrc.read_images`, batch by batch, grouped by stack), at their box and pixel size.
+
+    angle_deg (n,), shift_px (n, 2): poses in px of THESE images. halves (n,) in {0, 1}: half
+    set of each particle (the full average uses both). Images are normalised as RELION does
+    (background outside 0.375 x box: mean 0, std 1). Without CTF columns (or ctf=False) the
+    CTF is taken as 1 (plain aligned means, regularised the same way)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    halves = np.zeros(n, np.int64) if halves is None else np.asarray(halves, dtype=np.int64)
+    apix_all = table.pixel_size()
+    apix = float(np.median(apix_all))
+    if not np.allclose(apix_all, apix, rtol=1e-3):
+        log.warning("particles have several pixel sizes (%s Å/px); averaging at %.4f Å/px",
+                    np.unique(apix_all)[:5], apix)
+    params = CTFParams.from_table(table) if (ctf and has_ctf(table)) else None
+    paths, idx = table.image_refs()
+    names = table.particles["rlnImageName"].astype(str).to_numpy() if "rlnImageName" in table.particles else None
+    num = den = None
+    box = None
+    for s in range(0, n, batch_size):
+        rows = np.arange(s, min(n, s + batch_size))
+        x = read_images([paths[i] for i in rows], idx[rows], None if names is None else names[rows])
+        if box is None:
+            box = x.shape[-1]
+            num = np.zeros((2 * k, box, box // 2 + 1), np.complex128)
+            den = np.zeros((2 * k, box, box // 2 + 1), np.float64)
+        x = normalise_background(x, 0.375 * box)
+        a = np.asarray(angle_deg, dtype=np.float64)[rows]
+        if params is not None:
+            p = params.subset(rows)
+            c = ctf_2d(p, box, apix)
+            x = np.fft.irfft2(np.fft.rfft2(x) * c, s=(box, box)).astype(np.float32)
+            # the CTF seen in the class frame: rotated with the particle (astigmatism angle + a)
+            p_ref = dataclasses.replace(p, defocus_angle=np.asarray(p.defocus_angle, dtype=np.float64) + a)
+            c2 = ctf_2d(p_ref, box, apix).astype(np.float64) ** 2
+        else:
+            c2 = np.ones((len(rows), box, box // 2 + 1))
+        xr = to_reference_frame(x, a, np.asarray(shift_px, dtype=np.float64)[rows])
+        f = np.fft.rfft2(xr)
+        key = halves[rows] * k + labels[rows]
+        for j in np.unique(key):
+            sel = key == j
+            num[j] += f[sel].sum(axis=0)
+            den[j] += c2[sel].sum(axis=0)
+    if box is None:
+        raise ValueError("no particles to average")
+    reg = 1.0 / snr
+    num = num.reshape(2, k, box, box // 2 + 1)
+    den = den.reshape(2, k, box, box // 2 + 1)
+    full = np.fft.irfft2(num.sum(0) / (den.sum(0) + reg), s=(box, box)).astype(np.float32)
+    hv = np.fft.irfft2(num / (den + reg), s=(box, box)).astype(np.float32)
+    return WienerAverages(full, hv, apix, np.bincount(labels, minlength=k))
+
+
+# ---- resolution -------------------------------------------------------------------------------------
+def frc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Fourier ring correlation of images a, b (..., D, D): (..., D//2 + 1), ring r = |k| rounded."""
+    box = a.shape[-1]
+    fa, fb = np.fft.rfft2(a), np.fft.rfft2(b)
+    fy = np.fft.fftfreq(box) * box
+    fx = np.fft.rfftfreq(box) * box
+    ring = np.rint(np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)).astype(np.int64).ravel()
+    nr = box // 2 + 1
+    keep = ring < nr
+    ring = ring[keep]
+    lead = a.shape[:-2]
+    fa = fa.reshape(lead + (-1,))[..., keep]
+    fb = fb.reshape(lead + (-1,))[..., keep]
+
+    def ringsum(v):
+        v2 = v.reshape(-1, v.shape[-1])
+        out = np.stack([np.bincount(ring, weights=row, minlength=nr) for row in v2])
+        return out.reshape(lead + (nr,))
+
+    cross = ringsum((fa * np.conj(fb)).real)
+    pa, pb = ringsum(np.abs(fa) ** 2), ringsum(np.abs(fb) ** 2)
+    return cross / np.sqrt(np.maximum(pa * pb, 1e-30))
+
+
+def resolution_from_frc(curve: np.ndarray, box: int, apix: float, threshold: float = 0.143) -> float:
+    """Resolution (Å) where the FRC first falls below `threshold`: 1 / (frequency of the last
+    ring above it), rings counted from 1 (the DC ring 0 is skipped). Nyquist (2 apix) when it
+    never falls; box * apix when ring 1 is already below."""
+    c = np.asarray(curve)[1:]
+    below = np.flatnonzero(~(c >= threshold))
+    last = (below[0] if below.size else len(c))  # number of rings above threshold
+    if last == 0:
+        return float(box * apix)
+    return float(box * apix / last)
+
+
+def half_set_resolution(halves: np.ndarray, apix: float, threshold: float = 0.143,
+                        mask_radius: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(resolution Å (k,), FRC curves (k, D//2+1)) of the half-set averages halves (2, k, D, D),
+    each softly masked (radius 0.45 x box, 0.05 x box edge by default)."""
+    box = halves.shape[-1]
+    r = 0.45 * box if mask_radius is None else mask_radius
+    m = circular_mask(box, r - 0.05 * box, soft_edge=0.05 * box)
+    curves = frc(halves[0] * m, halves[1] * m)
+    res = np.array([resolution_from_frc(c, box, apix, threshold) for c in curves])
+    return res, curves
+
+
+def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A random half (0 or 1) per particle, balanced within each class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed + 4242)
+    out = np.zeros(len(labels), np.int64)
+    for j in np.unique(labels):
+        rows = np.flatnonzero(labels == j)
+        perm = rng.permutation(rows)
+        out[perm[1::2]] = 1
+    return out
+
+
+# ---- quality and ranking -----------------------------------------------------------------------------
+def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance=None, margin=None, score=None,
+                  junk_resolution_A: float = 25.0, min_class_fraction: float = 0.01, select=None) -> pd.DataFrame:
+    """One row per class (1-based `class`): size, fraction, resolution (Å), mean particle-to-
+    centroid distance and margin, mean NCC with the average; `rank` (1 = best: finest
+    resolution, then largest), automatic `suggestion` (junk when coarser than
+    junk_resolution_A or smaller than min_class_fraction of the particles, else good) and
+    `selected` (the user's list `select` when given, else the suggestion; never empty: the best
+    ranked class is kept when nothing else is)."""
+    labels = np.asarray(labels)
+    n = max(len(labels), 1)
+    counts = np.bincount(labels, minlength=k)
+
+    def per_class(v):
+        if v is None:
+            return np.full(k, np.nan)
+        v = np.asarray(v, dtype=np.float64)
+        s = np.bincount(labels, weights=v, minlength=k)
+        return np.where(counts > 0, s / np.maximum(counts, 1), np.nan)
+
+    q = pd.DataFrame({
+        "class": np.arange(1, k + 1), "particles": counts, "fraction": counts / n,
+        "resolution_A": np.asarray(resolution_A, dtype=np.float64),
+        "mean_distance": per_class(distance), "mean_margin": per_class(margin), "mean_ncc": per_class(score),
+    })
+    res_key = np.where(counts > 0, q["resolution_A"].fillna(np.inf), np.inf)
+    order = np.lexsort((-counts, res_key))
+    rank = np.empty(k, np.int64)
+    rank[order] = np.arange(1, k + 1)
+    q["rank"] = rank
+    junk = (q["resolution_A"].fillna(np.inf) > junk_resolution_A) | (q["fraction"] < min_class_fraction) | (counts == 0)
+    q["suggestion"] = np.where(junk, "junk", "good")
+    if select:
+        bad = [c for c in select if not 1 <= int(c) <= k]
+        if bad:
+            raise ValueError(f"export.select names classes {bad} outside 1..{k}")
+        q["selected"] = q["class"].isin([int(c) for c in select])
+    else:
+        q["selected"] = ~junk
+    if not q["selected"].any() and counts.any():
+        best = int(order[0])
+        log.warning("no class passes the automatic selection (resolution <= %g Å, fraction >= %g); keeping the "
+                    "best-ranked class %d only", junk_resolution_A, min_class_fraction, best + 1)
+        q.loc[best, "selected"] = True
+    return q

@@ -1,0 +1,201 @@
+"""Accuracy benchmark on simulated data: every method on the same stacks over an SNR grid.
+
+Methods: CL-Clustering's alignment-free stage (contrastive encoder + K-means++) and the full
+default classifier (+ alignment refinement over the m nearest classes), the same refinement
+started from random partitions (what the CL start buys), ML2D (Scheres et al. 2005), PCA +
+K-means on pixels, rotation-invariant features + spectral clustering, and the oracle (true
+clean projections, the ceiling). Scores: Hungarian-matched accuracy, ARI, NMI; wall time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io.atomic import atomic_path, write_text
+from .metrics import scores
+
+log = logging.getLogger(__name__)
+
+METHODS = ("cl_kmeans", "cl_refined", "refine_random", "ml2d", "pca_kmeans", "invariant", "oracle")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    snrs: tuple = (0.25, 0.1, 0.05, 0.02, 0.01)
+    volumes: tuple = ("builtin:0", "ribosome")
+    views: int = 10
+    images_per_view: int = 200
+    box: int = 64
+    methods: tuple = METHODS
+    seed: int = 0
+    ml2d_starts: int = 3
+
+
+def volume_setup(spec: str, ribosome_path: str | None) -> dict:
+    """Simulation settings for a named benchmark volume. The ribosome map (5 Å voxels, ~250 Å
+    across) is simulated at 6 Å/px so that it fits a 64 px box."""
+    if spec == "ribosome":
+        if not ribosome_path:
+            raise ValueError("the ribosome volume needs --ribosome PATH (shared/data/volumes/clean70SRibosome_vol_65p.mrc)")
+        return {"volumes": (ribosome_path,), "apix": 6.0, "volume_apix": 5.0}
+    return {"volumes": (spec,), "apix": 2.5}
+
+
+def prepare(images, ctf, apix, pp_cfg):
+    from .preprocess import preprocess_batch
+
+    return np.concatenate([preprocess_batch(images[s:s + 512], ctf.subset(np.arange(s, min(len(images), s + 512))), apix, pp_cfg)
+                           for s in range(0, len(images), 512)]).astype(np.float32)
+
+
+def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
+    """The pipeline's own train → embed → cluster on preprocessed images; returns
+    (alignment-free labels, refined labels, seconds of the alignment-free stage, total seconds)."""
+    from .cluster import ClusterConfig, cluster
+    from .embed import embed_images
+    from .train import TrainConfig, load_encoder, train
+
+    t0 = time.time()
+    np.save(workdir / "shard.npy", images.astype(np.float16))
+    train([workdir / "shard.npy"], workdir / "encoder.pt", TrainConfig.from_dict(run_cfg["train"]), seed=seed, device="cpu", apix=apix)
+    enc, _ = load_encoder(workdir / "encoder.pt")
+    feats = embed_images(enc, images.astype(np.float16).astype(np.float32))
+    cc = ClusterConfig.from_dict(run_cfg["cluster"])
+    res = cluster(feats, k, dataclasses.replace(cc, refine=False), seed=seed)
+    t_free = time.time() - t0
+    res_ref = cluster(feats, k, cc, seed=seed, images=images, device="cpu")
+    return res.labels, res_ref.labels, t_free, t_free + res_ref.timings.get("refine_s", 0.0) + res_ref.timings["kmeans_s"]
+
+
+def refine_from_random(images, k, run_cfg: dict, seed: int):
+    """The same alignment refinement from random partitions, all K classes compared (no
+    embedding), restarts chosen by mean correlation."""
+    from .align import PolarCache, PolarGrid, hard_em
+
+    cc = run_cfg["cluster"]
+    cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc["refine_angles"], max_shift=cc["refine_max_shift_px"]))
+    best = None
+    for r in range(cc["refine_restarts"]):
+        lab0 = np.random.default_rng([seed, r]).integers(0, k, len(images))
+        res = hard_em(cache, lab0, k, None, cc["refine_iterations"], seed=seed + r)
+        if best is None or res.objective > best.objective:
+            best = res
+    return best.alignment.labels
+
+
+def run_dataset(images, truth, refs, k, methods, run_cfg, seed, apix, ml2d_starts=3) -> list[dict]:
+    """Every method on one preprocessed stack; one result row per method."""
+    from .baselines import invariant_kmeans, oracle_labels, pca_kmeans
+    from .ml2d import ml2d
+
+    rows = []
+
+    def record(name, labels, seconds):
+        r = {"method": name, "seconds": round(seconds, 2), **{k2: round(v, 4) for k2, v in scores(truth, labels).items()}}
+        log.info("  %-14s accuracy %.3f  ARI %.3f  NMI %.3f  %.1f s", name, r["accuracy"], r["ari"], r["nmi"], seconds)
+        rows.append(r)
+
+    if "cl_kmeans" in methods or "cl_refined" in methods:
+        with tempfile.TemporaryDirectory() as d:
+            free, refined, t_free, t_all = run_cl(images, k, run_cfg, seed, Path(d), apix)
+        if "cl_kmeans" in methods:
+            record("cl_kmeans", free, t_free)
+        if "cl_refined" in methods:
+            record("cl_refined", refined, t_all)
+    timed = {
+        "refine_random": lambda: refine_from_random(images, k, run_cfg, seed),
+        "ml2d": lambda: ml2d(images, k, n_starts=ml2d_starts, seed=seed).labels,
+        "pca_kmeans": lambda: pca_kmeans(images, k, seed=seed),
+        "invariant": lambda: invariant_kmeans(images, k, seed=seed),
+        "oracle": lambda: oracle_labels(images, refs),
+    }
+    for name, fn in timed.items():
+        if name in methods:
+            t = time.time()
+            record(name, fn(), time.time() - t)
+    return rows
+
+
+def run_benchmark(bc: BenchmarkConfig, run_cfg: dict, out_dir, ribosome_path: str | None = None) -> pd.DataFrame:
+    """Simulate each volume once (clean), add noise per SNR, run every method; write
+    results.csv, results.md and accuracy_vs_snr.png into out_dir."""
+    from .imageops import fourier_crop, normalise_background
+    from .preprocess import PreprocessConfig
+    from .simulate import SimulationConfig, add_noise, simulate_clean
+
+    out_dir = Path(out_dir)
+    pp = PreprocessConfig.from_dict(run_cfg["preprocess"])
+    rows = []
+    for vol in bc.volumes:
+        sc = SimulationConfig(views=bc.views, images_per_view=bc.images_per_view, box=bc.box, seed=bc.seed,
+                              min_separation_deg=30.0 if bc.views <= 12 else 12.0, **volume_setup(vol, ribosome_path))
+        clean = simulate_clean(sc)
+        refs = normalise_background(fourier_crop(clean.projections, pp.box), pp.bg_radius())
+        truth = clean.truth["class"].to_numpy()
+        for snr in bc.snrs:
+            log.info("volume %s, SNR %g: %d images, K=%d", vol, snr, len(truth), len(refs))
+            sim = add_noise(clean, snr, bc.seed)
+            images = prepare(sim.images, sim.ctf, sc.apix, pp)
+            apix = sc.apix * sc.box / pp.box
+            for r in run_dataset(images, truth, refs, len(refs), bc.methods, run_cfg, bc.seed, apix, bc.ml2d_starts):
+                rows.append({"volume": vol, "snr": snr, "k": len(refs), "n": len(truth), **r})
+            write_results(pd.DataFrame(rows), out_dir)  # partial results survive an interruption
+    df = pd.DataFrame(rows)
+    write_results(df, out_dir)
+    return df
+
+
+def write_results(df: pd.DataFrame, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "results.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    write_text(out_dir / "results.md", markdown_tables(df))
+    plot(df, out_dir / "accuracy_vs_snr.png")
+
+
+def markdown_tables(df: pd.DataFrame) -> str:
+    """Accuracy per method (rows) and SNR (columns) for each volume and K, plus mean and time."""
+    parts = []
+    for (vol, k), g in df.groupby(["volume", "k"], sort=False):
+        acc = g.pivot_table(index="method", columns="snr", values="accuracy", sort=False)
+        acc = acc[sorted(acc.columns, reverse=True)]
+        acc["mean"] = acc.mean(axis=1)
+        acc["seconds (mean)"] = g.groupby("method", sort=False)["seconds"].mean()
+        header = "| method | " + " | ".join(f"SNR {c}" if not isinstance(c, str) else c for c in acc.columns) + " |"
+        lines = [f"### {vol}, K={k}, {int(g['n'].iloc[0])} images (accuracy, Hungarian-matched)", "", header,
+                 "|" + "---|" * (len(acc.columns) + 1)]
+        for m, r in acc.iterrows():
+            lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" if c != "seconds (mean)" else f"{v:.1f}" for c, v in r.items()) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(df.groupby(["volume", "k"], sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, ((vol, k), g) in zip(axes[0], groups):
+        for m, gm in g.groupby("method", sort=False):
+            gm = gm.sort_values("snr")
+            ax.plot(gm["snr"], gm["accuracy"], marker="o", label=m, lw=2 if m.startswith("cl_") else 1)
+        ax.set_xscale("log")
+        ax.set_xlabel("SNR")
+        ax.set_ylabel("accuracy (Hungarian)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{vol}, K={k}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)

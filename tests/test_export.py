@@ -1,0 +1,240 @@
+"""Export step: aligned CTF-aware class averages, RELION/cryoSPARC exports, class quality.
+
+Simulated data at SNR 0.05 (4 views x 60 images, 64 px at 2.5 Å/px, working box 32 px); the
+simulator's true classes are the labels so that the averages are tested, not the clustering."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from scipy import ndimage
+
+from clcluster.averages import (aligned_means, class_quality, frc, relion_pose, resolution_from_frc)
+from clcluster.ctf import CTFParams, phase_flip
+from clcluster.export import ExportConfig, export
+from clcluster.imageops import rotate
+from clcluster.io.cryosparc import read_cs
+from clcluster.io.mrc import read_images
+from clcluster.io.star import read_star
+from clcluster.preprocess import PreprocessConfig, preprocess_batch
+from clcluster.simulate import SimulationConfig, simulate, write_simulation
+
+K = 4
+WORK_BOX = 32
+
+
+def searched_ncc(img: np.ndarray, ref: np.ndarray, step: int = 3) -> float:
+    """Best normalised cross-correlation of img with ref over rotations (step degrees) and all
+    (circular) shifts: the class frame is arbitrary."""
+    ref = ref - ref.mean()
+    fr = np.conj(np.fft.rfft2(ref))
+    nref = np.linalg.norm(ref)
+    best = -1.0
+    for th in range(0, 360, step):
+        r = rotate(img[None].astype(np.float32), [th])[0]
+        r = r - r.mean()
+        cc = np.fft.irfft2(np.fft.rfft2(r) * fr, s=ref.shape).max() / (np.linalg.norm(r) * nref)
+        best = max(best, float(cc))
+    return best
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    cfg = SimulationConfig(views=K, images_per_view=60, snr=0.05, seed=3, stack_size=100)
+    sim = simulate(cfg)
+    star = write_simulation(sim, cfg, d / "data")
+    table = read_star(star)
+    labels = np.array(sim.truth["class"].to_numpy(), dtype=np.int64)
+    work = preprocess_batch(sim.images, CTFParams.from_table(table), cfg.apix, PreprocessConfig(box=WORK_BOX))
+    rng = np.random.default_rng(0)
+    n = len(labels)
+    assignments = {"labels": labels, "distance": rng.uniform(0.2, 0.8, n), "margin": rng.uniform(0, 0.3, n)}
+    emb = rng.standard_normal((n, 16)).astype(np.float32) + 3 * np.eye(16, dtype=np.float32)[labels]
+    meta = {"apix_A": cfg.apix * cfg.box / WORK_BOX, "input_apix_A": cfg.apix, "input_box": cfg.box}
+    out = d / "export"
+    summary = export(table, assignments, work, meta, K, out, ExportConfig(tsne_max_points=120), embeddings=emb)
+    return {"sim": sim, "cfg": cfg, "star": star, "table": table, "labels": labels, "out": out,
+            "summary": summary, "work_apix": meta["apix_A"]}
+
+
+def test_aligned_averages_match_projections_far_better_than_unaligned_means(run):
+    sim, out = run["sim"], run["out"]
+    avgs = read_images([out / "class_averages.mrcs"] * K, np.arange(K))
+    assert avgs.shape == (K, 64, 64)  # input box, from the original images
+    plain = aligned_means(sim.images, run["labels"], K)
+    aligned = [searched_ncc(avgs[j], sim.projections[j]) for j in range(K)]
+    unaligned = [searched_ncc(plain[j], sim.projections[j]) for j in range(K)]
+    print("rotation-searched NCC aligned", np.round(aligned, 3), "unaligned", np.round(unaligned, 3))
+    assert min(aligned) > 0.75
+    assert np.mean(aligned) > np.mean(unaligned) + 0.25
+
+
+def _image_names(path):
+    d = starfile.read(path, always_dict=True)
+    return d["particles"]["rlnImageName"].astype(str).tolist(), d
+
+
+def test_every_star_rereads_without_loss_or_duplicates(run):
+    out, n = run["out"], len(run["labels"])
+    src, _ = _image_names(run["star"])
+    names, d = _image_names(out / "particles_classified.star")
+    assert names == src and len(set(names)) == n
+    assert "optics" in d and len(d["optics"]) == 1
+    per_class = []
+    for j in range(1, K + 1):
+        nm, dj = _image_names(out / "classes" / f"class_{j:03d}.star")
+        assert (dj["particles"]["rlnClassNumber"] == j).all()
+        per_class += nm
+    assert sorted(per_class) == sorted(src) and len(set(per_class)) == n
+    sel, ds = _image_names(out / "particles_selected.star")
+    assert len(set(sel)) == len(sel) and set(sel) <= set(src)
+    chosen = set(ds["particles"]["rlnClassNumber"])
+    assert chosen == set(run["summary"]["selected_classes"]) and len(sel) == run["summary"]["selected_particles"]
+    model = starfile.read(out / "class_averages.star", always_dict=True)
+    mc = model["model_classes"]
+    assert len(mc) == K and abs(mc["rlnClassDistribution"].sum() - 1) < 1e-9
+    assert mc["rlnReferenceImage"].tolist()[0] == "000001@class_averages.mrcs"
+    assert (mc["rlnEstimatedResolution"] >= 2 * run["cfg"].apix).all()
+
+
+def test_columns_relion_needs_for_reconstruction_with_units(run):
+    d = starfile.read(run["out"] / "particles_classified.star", always_dict=True)
+    optics, p = d["optics"], d["particles"]
+    for col in ("rlnOpticsGroup", "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality", "rlnVoltage",
+                "rlnSphericalAberration", "rlnAmplitudeContrast"):
+        assert col in optics, col
+    assert optics["rlnImagePixelSize"].iloc[0] == pytest.approx(2.5)  # Å/px
+    assert optics["rlnImageSize"].iloc[0] == 64 and optics["rlnImageDimensionality"].iloc[0] == 2
+    assert optics["rlnVoltage"].iloc[0] == pytest.approx(300.0)  # kV
+    assert optics["rlnSphericalAberration"].iloc[0] == pytest.approx(2.7)  # mm
+    for col in ("rlnImageName", "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnAnglePsi",
+                "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber", "rlnClclusterDistance", "rlnClclusterMargin"):
+        assert col in p, col
+    assert p["rlnImageName"].str.match(r"^\d+@\S+\.mrcs$").all()
+    assert p["rlnDefocusU"].between(5000, 50000).all()  # Å
+    assert p["rlnAnglePsi"].between(-180, 180).all()  # degrees
+    assert pd.api.types.is_integer_dtype(p["rlnClassNumber"]) and set(p["rlnClassNumber"]) <= set(range(1, K + 1))
+    max_A = (2 * np.sqrt(2) + 1e-6) * run["work_apix"]  # search radius 2 working px
+    assert (np.hypot(p["rlnOriginXAngst"], p["rlnOriginYAngst"]) <= max_A).all()  # Å, not px
+    assert np.abs(p["rlnOriginXAngst"]).max() > 1.0
+
+
+def relion_centre(images, psi_deg, origin_px):
+    """RELION's reading of a 2D pose, written from its definitions rather than our imageops:
+    shift the image by +origin (relion_reconstruct), then undo psi: the observation P is the
+    reference R sampled as P(p) = R(A(psi)^T p) (Projector::rotate2D, A = Euler matrix of
+    (0, 0, psi)), so R(q) = P(A q) with A = [[c, s], [-s, c]] in (x, y)."""
+    out = np.empty_like(images)
+    box = images.shape[-1]
+    c0 = box // 2
+    for i, (img, psi, o) in enumerate(zip(images, psi_deg, origin_px)):
+        x = ndimage.shift(img, (o[1], o[0]), order=1, mode="constant")
+        c, s = np.cos(np.deg2rad(psi)), np.sin(np.deg2rad(psi))
+        m = np.array([[c, -s], [s, c]])  # A in (row=y, col=x) order
+        out[i] = ndimage.affine_transform(x, m, offset=c0 - m @ [c0, c0], order=1, mode="constant")
+    return out
+
+
+def test_pose_follows_relion_convention(run):
+    """Centring the original images as RELION would, from the written psi and origins, gives a
+    sharp average; the opposite signs do not."""
+    p = starfile.read(run["out"] / "particles_classified.star", always_dict=True)["particles"]
+    sim, table, labels = run["sim"], run["table"], run["labels"]
+    x = phase_flip(sim.images, CTFParams.from_table(table), run["cfg"].apix)
+    origin_px = p[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / run["cfg"].apix
+    psi = p["rlnAnglePsi"].to_numpy()
+    right, wrong = [], []
+    for j in range(2):
+        rows = np.flatnonzero(labels == j)
+        good = relion_centre(x[rows], psi[rows], origin_px[rows]).mean(0)
+        bad = relion_centre(x[rows], -psi[rows], -origin_px[rows]).mean(0)
+        right.append(searched_ncc(good, sim.projections[j], 6))
+        wrong.append(searched_ncc(bad, sim.projections[j], 6))
+    print("RELION-convention centring: right signs", np.round(right, 3), "wrong signs", np.round(wrong, 3))
+    assert min(right) > max(wrong) + 0.15
+
+
+def test_relion_pose_signs():
+    psi, ox, oy = relion_pose([190.0, -10.0, 180.0], [[1.0, -2.0], [0, 0], [0.5, 0]], 5.0)
+    np.testing.assert_allclose(psi, [-170.0, -10.0, 180.0])
+    np.testing.assert_allclose(ox, [-5.0, 0.0, -2.5])
+    np.testing.assert_allclose(oy, [10.0, 0.0, 0.0])
+
+
+def test_cryosparc_dataset_rereads(run):
+    out, n = run["out"], len(run["labels"])
+    cs = np.load(out / "particles_classified.cs")
+    for field in ("uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", "ctf/df1_A", "ctf/accel_kv",
+                  "alignments2D/class", "alignments2D/pose", "alignments2D/shift", "alignments2D/psize_A"):
+        assert field in cs.dtype.names, field
+    assert len(np.unique(cs["uid"])) == n
+    np.testing.assert_array_equal(cs["alignments2D/class"], run["labels"])
+    t = read_cs(out / "particles_classified.cs")
+    assert len(t) == n
+    src = run["table"]
+    assert [p.resolve() for p in t.image_refs()[0]] == [p.resolve() for p in src.image_refs()[0]]
+    np.testing.assert_array_equal(t.image_refs()[1], src.image_refs()[1])
+    np.testing.assert_allclose(t.particles["rlnDefocusU"], src.particles["rlnDefocusU"], rtol=1e-6)
+    sel = np.load(out / "particles_selected.cs")
+    assert len(sel) == run["summary"]["selected_particles"]
+
+
+def test_pictures_and_summary(run):
+    out = run["out"]
+    for name in ("class_averages.png", "frc.png", "embedding_map.png", "class_quality.csv", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    s = json.loads((out / "summary.json").read_text())
+    assert sorted(s["rank_order"]) == list(range(1, K + 1))
+    q = pd.read_csv(out / "class_quality.csv")
+    assert list(q.sort_values("rank")["class"]) == s["rank_order"]
+
+
+def test_frc_resolution():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((64, 64))
+    assert resolution_from_frc(frc(a, a), 64, 2.0) == pytest.approx(4.0)  # Nyquist
+    b = rng.standard_normal((64, 64))
+    assert resolution_from_frc(frc(a, b), 64, 2.0) > 20.0  # independent noise: no resolution
+
+
+def test_class_quality_ranking_and_selection():
+    labels = np.repeat([0, 1, 2, 3], [50, 30, 15, 1])
+    res = np.array([12.0, 30.0, 10.0, 8.0])
+    q = class_quality(labels, 4, res, junk_resolution_A=25.0, min_class_fraction=0.05)
+    assert q["rank"].tolist() == [3, 4, 2, 1]  # finest first, then largest
+    assert q["suggestion"].tolist() == ["good", "junk", "good", "junk"]
+    assert q["selected"].tolist() == [True, False, True, False]
+    q = class_quality(labels, 4, res, select=[2, 4])
+    assert q["selected"].tolist() == [False, True, False, True]
+    q = class_quality(labels, 4, np.full(4, 99.0), junk_resolution_A=25.0)
+    assert q["selected"].sum() == 1  # never an empty selection
+    with pytest.raises(ValueError):
+        class_quality(labels, 4, res, select=[5])
+
+
+def test_relion30_flavour_and_working_box_averages(run, tmp_path):
+    """A RELION 3.0 file (no optics block) gets origins in px; `average_box: working` averages the
+    preprocessed images; the user's class list decides the selection."""
+    import dataclasses
+
+    table = run["table"]
+    parts = table.particles.copy()
+    for col in ("rlnImagePixelSize", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
+        parts[col] = table.column(col)
+    t30 = dataclasses.replace(table, particles=parts.drop(columns="rlnOpticsGroup"), optics=None, version=None)
+    labels = run["labels"]
+    work = preprocess_batch(run["sim"].images, CTFParams.from_table(t30), run["cfg"].apix, PreprocessConfig(box=WORK_BOX))
+    cfg = ExportConfig(average_box="working", select=[2, 3], cryosparc=False, align_iterations=2)
+    s = export(t30, {"labels": labels}, work, run["work_apix"], K, tmp_path, cfg)
+    d = starfile.read(tmp_path / "particles_classified.star", always_dict=True)
+    assert list(d) == ["particles"]
+    p = d["particles"]
+    assert "rlnOriginX" in p and "rlnOriginXAngst" not in p
+    assert (np.hypot(p["rlnOriginX"], p["rlnOriginY"]) <= 2 * np.sqrt(2) * 2 + 1e-6).all()  # input px
+    sel = starfile.read(tmp_path / "particles_selected.star")
+    assert set(sel["rlnClassNumber"]) == {2, 3} and len(sel) == int(np.isin(labels, [1, 2]).sum())
+    assert s["averages"]["box"] == WORK_BOX

@@ -1,0 +1,71 @@
+"""Real Snakemake runs of the whole chain on tiny simulated data (slow; run in CI)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clcluster.io import read_particles
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_snakemake(results, *extra, cores=2):
+    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", str(REPO / "tests/workflow/config.yaml"),
+           "--config", f"results={results}", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("wf") / "results"
+    proc = run_snakemake(results)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return results, proc
+
+
+@pytest.mark.slow
+def test_workflow_classifies_every_particle_once(demo_run):
+    results, proc = demo_run
+    inp = read_particles(results / "demo/particles.star")
+    out = read_particles(results / "export/particles_classified.star")
+    assert len(out) == len(inp) == 160
+    assert out.particles["rlnImageName"].is_unique
+    assert sorted(out.particles["rlnImageName"]) == sorted(inp.particles["rlnImageName"])
+    assert set(out.particles["rlnClassNumber"]) <= set(range(1, 5))
+    # every input column and the optics block kept
+    assert set(inp.particles.columns) <= set(out.particles.columns)
+    assert out.optics is not None and out.optics.equals(inp.optics)
+    per_class = sum(len(read_particles(p)) for p in (results / "export/classes").glob("class_*.star"))
+    assert per_class == 160
+    score = json.loads((results / "score.json").read_text())
+    assert score["accuracy"] > 0.6  # 4 views at SNR 0.5; chance ~0.3
+    assert "clustering accuracy" in proc.stdout + proc.stderr
+    for rule in ("simulate_demo", "check_particles", "train_encoder", "cluster_embeddings", "export_classes"):
+        assert (results / "logs" / f"{rule}.log").exists(), rule
+
+
+@pytest.mark.slow
+def test_same_seed_gives_same_labels(demo_run, tmp_path):
+    results, _ = demo_run
+    again = tmp_path / "again"
+    proc = run_snakemake(again)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert np.array_equal(np.load(results / "clusters/labels.npy"), np.load(again / "clusters/labels.npy"))
+
+
+@pytest.mark.slow
+def test_user_particles_via_config(demo_run, tmp_path):
+    """particles=, classes=, results= on the command line; the demo's STAR stands in for user data."""
+    results, _ = demo_run
+    out = tmp_path / "user"
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(REPO / "tests/workflow/config.yaml"),
+           "--config", f"particles={results / 'demo/particles.star'}", "classes=3", f"results={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    star = read_particles(out / "export/particles_classified.star")
+    assert len(star) == 160 and set(star.particles["rlnClassNumber"]) <= {1, 2, 3}
+    assert not (out / "score.json").exists()
