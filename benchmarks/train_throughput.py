@@ -72,6 +72,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64, help="global batch (split over the ranks)")
     ap.add_argument("--box", type=int, default=32, help="working box (px)")
     ap.add_argument("--encoder", default="polar")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: the rank's share of the cores)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--work", type=Path, help="folder for the data (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -80,12 +81,12 @@ def main(argv=None):
     shards = make_data(work, n_per_view=32, box=args.box, shard=128)
     cfg = work / "bench.yaml"
     cfg.write_text(f"seed: 0\ntrain:\n  steps: {args.steps}\n  batch_size: {args.batch_size}\n"
-                   f"  encoder: {args.encoder}\n  checkpoint_minutes: 0\n")
+                   f"  encoder: {args.encoder}\n  checkpoint_minutes: 0\n  threads: {args.threads}\n")
     cores = len(os.sched_getaffinity(0))
     import torch
 
     print(f"# clcluster train throughput: {args.encoder} encoder, box {args.box}, global batch {args.batch_size}, "
-          f"{args.steps} steps, device {args.device}, {cores} CPU cores, torch {torch.__version__}, launcher {args.launcher}")
+          f"{args.steps} steps, device {args.device}, {cores} CPU cores, threads/rank {args.threads or 'auto'}, torch {torch.__version__}, launcher {args.launcher}")
     print("| ranks | images/s (training loop) | wall s (whole command) | relative to 1 rank |")
     print("|------:|-------------------------:|-----------------------:|-------------------:|")
     base = None

@@ -170,6 +170,94 @@ def align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.ndarra
     return res, new_refs, counts.cpu().numpy()
 
 
+def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.ndarray | None, beta: float,
+                   log_prior: torch.Tensor):
+    """One soft-EM pass: responsibilities over candidate classes x shifts x rotations,
+    w ∝ prior_k exp(beta * NCC), and the new references as responsibility-weighted sums of the
+    particles brought into each class's frame (all rotations at once in Fourier space:
+    sum_tau w(tau) p(theta + tau) has DFT conj(W(f)) P(f)). Returns (hard Alignment of the
+    most probable pose, new references (K, R, A), class weights (K,))."""
+    pg = cache.pg
+    k = refs_polar.shape[0]
+    ref_f = torch.fft.rfft(unit(refs_polar), dim=-1)
+    n = len(cache)
+    sums = torch.zeros((k, pg.n_radii, pg.n_angles // 2 + 1), dtype=torch.complex64, device=cache.device)
+    weights = torch.zeros(k, device=cache.device)
+    hard = {key: np.empty(n, dt) for key, dt in (("labels", np.int64), ("score", np.float32), ("rot", np.int64),
+                                                  ("off", np.int64), ("second", np.float32))}
+    cand_t = torch.as_tensor(candidates, device=cache.device) if candidates is not None else None
+    for s, pf in cache:
+        b = pf.shape[0]
+        cand = cand_t[s:s + b] if cand_t is not None else None
+        corr = rotational_correlation(pf, ref_f[cand] if cand is not None else ref_f, pg.n_angles, per_particle=cand is not None)
+        kk = corr.shape[2]
+        prior = log_prior[cand] if cand is not None else log_prior[None].expand(b, -1)  # (b, kk)
+        logits = beta * corr + prior[:, None, :, None]
+        flat = logits.reshape(b, -1)
+        resp = torch.softmax(flat, dim=1).reshape(corr.shape)  # (b, S, kk, A)
+        wf = torch.fft.rfft(resp, dim=-1)  # (b, S, kk, F)
+        contrib = torch.einsum("bskf,bsrf->bkrf", wf.conj(), pf)  # (b, kk, R, F)
+        wk = resp.sum(dim=(1, 3))  # (b, kk)
+        if cand is not None:
+            sums.index_add_(0, cand.reshape(-1), contrib.reshape(b * kk, pg.n_radii, -1))
+            weights.index_add_(0, cand.reshape(-1), wk.reshape(-1))
+        else:
+            sums += contrib.sum(0)
+            weights += wk.sum(0)
+        # most probable pose, for the hard labels and the objective
+        best_over_pose, arg_pose = corr.permute(0, 2, 1, 3).reshape(b, kk, -1).max(dim=-1)
+        top = best_over_pose.topk(min(2, kk), dim=1)
+        cls = top.indices[:, 0]
+        pose = arg_pose.gather(1, cls[:, None])[:, 0]
+        second = top.values[:, 1] if kk > 1 else torch.full_like(top.values[:, 0], -1.0)
+        if cand is not None:
+            cls = cand.gather(1, cls[:, None])[:, 0]
+        for key, v in (("labels", cls), ("score", top.values[:, 0]), ("rot", pose % pg.n_angles),
+                       ("off", pose // pg.n_angles), ("second", second)):
+            hard[key][s:s + b] = v.cpu().numpy()
+    rot_deg = (-hard["rot"] % pg.n_angles) * (360.0 / pg.n_angles)
+    res = Alignment(hard["labels"], hard["score"], rot_deg.astype(np.float32), pg.offsets[hard["off"]], hard["second"])
+    refs = torch.fft.irfft(sums, n=pg.n_angles, dim=-1) / weights.clamp_min(1e-6)[:, None, None]
+    return res, refs, weights
+
+
+def effective_samples(pg: PolarGrid) -> float:
+    """Independent pixels in the annulus the polar grid covers (pi (r_max^2 - r_min^2))."""
+    return float(np.pi * (pg.r_max ** 2 - pg.r_min ** 2))
+
+
+def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarray | None = None,
+            max_iter: int = 20, anneal_iterations: int = 8, seed: int = 0, log=None) -> RefineResult:
+    """Alignment-based EM with deterministic annealing, from a starting partition.
+
+    Each particle's responsibility over its candidate classes, shifts and rotations is
+    ∝ alpha_k exp(beta_t NCC); beta_t rises linearly over `anneal_iterations` to the value a
+    white-noise model implies, beta = c N / (1 - c^2) (c: mean best NCC, N: independent pixels
+    in the annulus), so early passes average over poses and classes and escape the local optima
+    of hard assignment; class priors alpha are re-estimated. Stops when the most probable labels
+    change for < 0.2 % of the particles after annealing."""
+    g = torch.Generator().manual_seed(seed)
+    refs = class_polar_means(cache, labels0, k)
+    refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+    n_eff = effective_samples(cache.pg)
+    log_prior = torch.full((k,), -np.log(k), device=cache.device)
+    labels, history, res, c = labels0.copy(), [], None, 0.3
+    for it in range(max_iter):
+        beta_full = c * n_eff / max(1 - c * c, 1e-3)
+        beta = beta_full * min(1.0, (it + 1) / max(anneal_iterations, 1))
+        res, refs, weights = soft_align_all(cache, refs, candidates, beta, log_prior)
+        log_prior = torch.log((weights / weights.sum()).clamp_min(1e-4))
+        c = float(res.score.mean())
+        history.append(c)
+        changed = float((res.labels != labels).mean())
+        labels = res.labels
+        if log:
+            log(f"  iteration {it + 1}: beta {beta:.0f}, mean NCC {c:.4f}, {changed:.1%} labels changed")
+        if it + 1 >= anneal_iterations and changed < 0.002:
+            break
+    return RefineResult(res, history[-1], history, 0)
+
+
 def class_polar_means(cache: PolarCache, labels: np.ndarray, k: int) -> torch.Tensor:
     """Unaligned polar means (K, R, A) of each class at the centre offset (rotational blurs;
     the starting references of the hard EM)."""
