@@ -171,12 +171,14 @@ def align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.ndarra
 
 
 def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.ndarray | None, beta: float,
-                   log_prior: torch.Tensor):
+                   log_prior: torch.Tensor, top_m: int = 0):
     """One soft-EM pass: responsibilities over candidate classes x shifts x rotations,
     w ∝ prior_k exp(beta * NCC), and the new references as responsibility-weighted sums of the
     particles brought into each class's frame (all rotations at once in Fourier space:
     sum_tau w(tau) p(theta + tau) has DFT conj(W(f)) P(f)). Returns (hard Alignment of the
-    most probable pose, new references (K, R, A), class weights (K,))."""
+    most probable pose, new references (K, R, A), class weights (K,), and with top_m > 0 the
+    top_m best-scoring classes of each particle (n, top_m) or None). Repeated candidates of a
+    particle count once."""
     pg = cache.pg
     k = refs_polar.shape[0]
     ref_f = torch.fft.rfft(unit(refs_polar), dim=-1)
@@ -186,12 +188,16 @@ def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.n
     hard = {key: np.empty(n, dt) for key, dt in (("labels", np.int64), ("score", np.float32), ("rot", np.int64),
                                                   ("off", np.int64), ("second", np.float32))}
     cand_t = torch.as_tensor(candidates, device=cache.device) if candidates is not None else None
+    top_classes = np.empty((n, top_m), np.int64) if top_m else None
     for s, pf in cache:
         b = pf.shape[0]
         cand = cand_t[s:s + b] if cand_t is not None else None
         corr = rotational_correlation(pf, ref_f[cand] if cand is not None else ref_f, pg.n_angles, per_particle=cand is not None)
         kk = corr.shape[2]
         prior = log_prior[cand] if cand is not None else log_prior[None].expand(b, -1)  # (b, kk)
+        if cand is not None:  # a class listed twice for a particle counts once
+            dup = ((cand[:, :, None] == cand[:, None, :]) & torch.ones(kk, kk, dtype=torch.bool, device=cand.device).tril(-1)).any(-1)
+            prior = prior.masked_fill(dup, float("-inf"))
         logits = beta * corr + prior[:, None, :, None]
         flat = logits.reshape(b, -1)
         resp = torch.softmax(flat, dim=1).reshape(corr.shape)  # (b, S, kk, A)
@@ -212,13 +218,17 @@ def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.n
         second = top.values[:, 1] if kk > 1 else torch.full_like(top.values[:, 0], -1.0)
         if cand is not None:
             cls = cand.gather(1, cls[:, None])[:, 0]
+        if top_m:
+            t = best_over_pose.topk(min(top_m, kk), dim=1).indices
+            t = cand.gather(1, t) if cand is not None else t
+            top_classes[s:s + b] = t.cpu().numpy() if t.shape[1] == top_m else np.pad(t.cpu().numpy(), ((0, 0), (0, top_m - t.shape[1])), mode="edge")
         for key, v in (("labels", cls), ("score", top.values[:, 0]), ("rot", pose % pg.n_angles),
                        ("off", pose // pg.n_angles), ("second", second)):
             hard[key][s:s + b] = v.cpu().numpy()
     rot_deg = (-hard["rot"] % pg.n_angles) * (360.0 / pg.n_angles)
     res = Alignment(hard["labels"], hard["score"], rot_deg.astype(np.float32), pg.offsets[hard["off"]], hard["second"])
     refs = torch.fft.irfft(sums, n=pg.n_angles, dim=-1) / weights.clamp_min(1e-6)[:, None, None]
-    return res, refs, weights
+    return res, refs, weights, top_classes
 
 
 def effective_samples(pg: PolarGrid) -> float:
@@ -227,7 +237,8 @@ def effective_samples(pg: PolarGrid) -> float:
 
 
 def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarray | None = None,
-            max_iter: int = 20, anneal_iterations: int = 8, seed: int = 0, log=None) -> RefineResult:
+            max_iter: int = 20, anneal_iterations: int = 8, seed: int = 0, log=None,
+            full_every: int = 0, top_m: int = 3) -> RefineResult:
     """Alignment-based EM with deterministic annealing, from a starting partition.
 
     Each particle's responsibility over its candidate classes, shifts and rotations is
@@ -235,24 +246,39 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
     white-noise model implies, beta = c N / (1 - c^2) (c: mean best NCC, N: independent pixels
     in the annulus), so early passes average over poses and classes and escape the local optima
     of hard assignment; class priors alpha are re-estimated. Stops when the most probable labels
-    change for < 0.2 % of the particles after annealing."""
+    change for < 0.2 % of the particles after annealing.
+
+    candidates (n, m): the classes each particle is compared with (e.g. its m nearest centroids
+    in embedding space); None compares with all K. With full_every = T > 0 every T-th pass
+    compares with all K and each particle's `top_m` best-scoring classes from that pass join
+    its candidates until the next full pass (the cost of the other passes stays flat in K)."""
     g = torch.Generator().manual_seed(seed)
     refs = class_polar_means(cache, labels0, k)
     refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
     n_eff = effective_samples(cache.pg)
     log_prior = torch.full((k,), -np.log(k), device=cache.device)
     labels, history, res, c = labels0.copy(), [], None, 0.3
+    recent_top = None
     for it in range(max_iter):
         beta_full = c * n_eff / max(1 - c * c, 1e-3)
         beta = beta_full * min(1.0, (it + 1) / max(anneal_iterations, 1))
-        res, refs, weights = soft_align_all(cache, refs, candidates, beta, log_prior)
+        full = candidates is None or (full_every > 0 and it % full_every == 0)
+        if full:
+            cand_it = None
+        elif recent_top is not None:
+            cand_it = np.concatenate([candidates, recent_top], axis=1)
+        else:
+            cand_it = candidates
+        res, refs, weights, top = soft_align_all(cache, refs, cand_it, beta, log_prior, top_m if full and candidates is not None else 0)
+        if top is not None:
+            recent_top = top
         log_prior = torch.log((weights / weights.sum()).clamp_min(1e-4))
         c = float(res.score.mean())
         history.append(c)
         changed = float((res.labels != labels).mean())
         labels = res.labels
         if log:
-            log(f"  iteration {it + 1}: beta {beta:.0f}, mean NCC {c:.4f}, {changed:.1%} labels changed")
+            log(f"  iteration {it + 1}{' (all classes)' if full else ''}: beta {beta:.0f}, mean NCC {c:.4f}, {changed:.1%} labels changed")
         if it + 1 >= anneal_iterations and changed < 0.002:
             break
     return RefineResult(res, history[-1], history, 0)

@@ -111,9 +111,21 @@ def random_mirror(images, rng, prob: float):
     return xp.where(on[:, None, None], images[:, :, ::-1], images)
 
 
+def _check_rng(images, rng):
+    """The random draws must come from the images' module: a NumPy Generator with CuPy images
+    would mix host and device arrays (CuPy refuses implicit conversion)."""
+    xp = get_array_module(images)
+    if xp is not np and isinstance(rng, np.random.Generator):
+        raise TypeError("CuPy images need a CuPy Generator: use backend.make_rng(cupy, seed) "
+                        "(cupy.random.default_rng), not numpy.random.default_rng")
+
+
 def augment(images, cfg: AugmentConfig, rng, apix: float = 1.0):
     """One random view of each image, ops in the order: blur/CTF (signal), rotation, shift,
-    noise, contrast, erasing, mirror."""
+    noise, contrast, erasing, mirror. `rng` is a Generator of the images' array module
+    (`backend.make_rng(xp, seed)`); the views stay on the images' device. Same seed and
+    device → same views; NumPy and CuPy generators give different (equally valid) streams."""
+    _check_rng(images, rng)
     x = images
     if cfg.blur_prob > 0 and cfg.blur_sigma_max_px > 0:
         x = random_blur(x, rng, cfg.blur_sigma_max_px, cfg.blur_prob)

@@ -76,14 +76,17 @@ def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
 def refine_from_random(images, k, run_cfg: dict, seed: int):
     """The same alignment refinement from random partitions, all K classes compared (no
     embedding), restarts chosen by mean correlation."""
-    from .align import PolarCache, PolarGrid, hard_em
+    from .align import PolarCache, PolarGrid, hard_em, soft_em
 
     cc = run_cfg["cluster"]
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc["refine_angles"], max_shift=cc["refine_max_shift_px"]))
     best = None
     for r in range(cc["refine_restarts"]):
         lab0 = np.random.default_rng([seed, r]).integers(0, k, len(images))
-        res = hard_em(cache, lab0, k, None, cc["refine_iterations"], seed=seed + r)
+        if cc["refine_method"] == "soft":
+            res = soft_em(cache, lab0, k, None, cc["refine_iterations"], cc["refine_anneal_iterations"], seed=seed + r)
+        else:
+            res = hard_em(cache, lab0, k, None, cc["refine_iterations"], seed=seed + r)
         if best is None or res.objective > best.objective:
             best = res
     return best.alignment.labels

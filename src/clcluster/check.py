@@ -272,6 +272,20 @@ def check_particles(table: ParticleTable, *, ctf_required: bool = True, classes:
     return problems
 
 
+def _row_ranges(rows, max_ranges: int = 4) -> str:
+    """'rows 9-16, 20' for the 1-based rows (consecutive rows as ranges; at most max_ranges)."""
+    rows = sorted(int(r) for r in rows)
+    ranges: list[list[int]] = []
+    for r in rows:
+        if ranges and r == ranges[-1][1] + 1:
+            ranges[-1][1] = r
+        else:
+            ranges.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges[:max_ranges])
+    more = f" and {len(ranges) - max_ranges} more ranges" if len(ranges) > max_ranges else ""
+    return f"row{'s' if len(rows) != 1 else ''} {text}{more}"
+
+
 def format_report(problems: list[Problem], max_rows: int = 5, max_groups: int = 50) -> str:
     """A human-readable summary of ALL problems, grouped by kind (and file for particles)."""
     if not problems:
@@ -293,7 +307,8 @@ def format_report(problems: list[Problem], max_rows: int = 5, max_groups: int = 
             lines.append(f"- {file}: {message}")
         elif scope == "stack":
             nrows = sum(len(p.rows) for p in items)
-            shown = ", ".join(f"{p.file} ({len(p.rows)})" for p in items[:max_rows])
+            shown = ", ".join(f"{p.file} ({len(p.rows)} particle{'s' if len(p.rows) != 1 else ''}: "
+                              f"{_row_ranges(p.rows)})" for p in items[:max_rows])
             more = f" and {len(items) - max_rows} more" if len(items) > max_rows else ""
             lines.append(f"- {message}: {len(items)} stack{'s' if len(items) != 1 else ''}, {nrows} particles"
                          f"\n    {shown}{more}")
@@ -374,7 +389,7 @@ def main(args) -> int:
     if len(good) == 0:
         print("not writing the selection: every particle has a problem", file=sys.stderr)
         return 1
-    write_star(out, good)
+    write_star(out, good.with_absolute_paths())  # stack paths absolute: OUT_STAR may live anywhere
     with atomic_path(csv) as tmp:
         excluded.to_csv(tmp, index=False)
     print(f"excluded {len(excluded)} of {len(table)} particles (listed in {csv}); {len(good)} written to {out}")

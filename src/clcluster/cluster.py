@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .align import PolarCache, PolarGrid, hard_em
+from .align import PolarCache, PolarGrid, hard_em, soft_em
 from .backend import torch_device
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,10 @@ class ClusterConfig:
     minibatch_above: int = 200_000
     candidates: int = 3
     refine: bool = True
-    refine_iterations: int = 15
+    refine_method: str = "soft"
+    refine_iterations: int = 25
+    refine_anneal_iterations: int = 8
+    refine_full_every: int = 4
     refine_restarts: int = 4
     refine_max_shift_px: int = 2
     refine_angles: int = 64
@@ -115,7 +118,11 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
             lab0, c_r = kmeans(features, k, 1, seed + 1000 * r, cfg.minibatch_above)
             dist_r = centroid_distances(features, c_r)
         cand = nearest_centroids(dist_r, cfg.candidates)
-        res = hard_em(cache, lab0, k, cand, cfg.refine_iterations, seed=seed + r, log=log.info)
+        if cfg.refine_method == "soft":
+            res = soft_em(cache, lab0, k, cand, cfg.refine_iterations, cfg.refine_anneal_iterations, seed=seed + r,
+                          log=log.info, full_every=cfg.refine_full_every, top_m=cfg.candidates)
+        else:
+            res = hard_em(cache, lab0, k, cand, cfg.refine_iterations, seed=seed + r, log=log.info)
         log.info("refinement restart %d: mean NCC %.4f after %d iterations", r + 1, res.objective, len(res.history))
         if best is None or res.objective > best.objective:
             best = dataclasses.replace(res, restart=r)

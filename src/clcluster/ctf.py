@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import asnumpy, get_array_module
 from .imageops import fourier_filter, freq_grid
 
 CTF_LABELS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
@@ -25,7 +25,10 @@ def electron_wavelength(voltage_kv):
 
 @dataclasses.dataclass
 class CTFParams:
-    """Per-particle CTF parameters; every field is an array of length n (or a scalar)."""
+    """Per-particle CTF parameters; every field is an array of length n (or a scalar).
+
+    The parameters are small and live on the host: NumPy arrays (CuPy arrays are accepted and
+    copied to the host with `asnumpy`); `ctf_2d` builds the CTF itself on the images' device."""
 
     defocus_u: np.ndarray
     defocus_v: np.ndarray
@@ -37,10 +40,11 @@ class CTFParams:
     bfactor: np.ndarray = 0.0
 
     def __len__(self):
-        return np.atleast_1d(self.defocus_u).shape[0]
+        return np.atleast_1d(asnumpy(self.defocus_u)).shape[0]
 
     def subset(self, rows) -> "CTFParams":
-        return CTFParams(**{f.name: np.broadcast_to(np.asarray(getattr(self, f.name), dtype=np.float64), (len(self),))[rows]
+        return CTFParams(**{f.name: np.broadcast_to(np.asarray(asnumpy(getattr(self, f.name)), dtype=np.float64),
+                                                          (len(self),))[np.asarray(asnumpy(rows))]
                             for f in dataclasses.fields(self)})
 
     @classmethod
@@ -70,15 +74,17 @@ def ctf_2d(params: CTFParams, box: int, apix: float, xp=np, rfft: bool = True):
     where df = -(U+V)/2 - (U-V)/2*cos(2(azimuth - angle)) (negative for underfocus), so the
     CTF equals Q0 at s = 0 and is positive at low frequency."""
     n = len(params)
-    as_col = lambda v: xp.asarray(np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)).astype(np.float32)).reshape(n, 1, 1)
-    lam = as_col(electron_wavelength(np.broadcast_to(params.voltage, (n,))))
-    cs = as_col(np.asarray(params.cs, dtype=np.float64) * 1e7)
-    q0 = np.clip(np.asarray(params.amplitude_contrast, dtype=np.float64), 0, 0.999999)
+    host = lambda v: np.broadcast_to(np.asarray(asnumpy(v), dtype=np.float64), (n,))
+    as_col = lambda v: xp.asarray(host(v).astype(np.float32)).reshape(n, 1, 1)  # one small host→device copy
+    lam = as_col(electron_wavelength(host(params.voltage)))
+    cs = as_col(host(params.cs) * 1e7)
+    q0 = np.clip(host(params.amplitude_contrast), 0, 0.999999)
     k3 = as_col(np.arctan(q0 / np.sqrt(1 - q0 ** 2)))
-    k5 = as_col(np.deg2rad(np.asarray(params.phase_shift, dtype=np.float64)))
+    k5 = as_col(np.deg2rad(host(params.phase_shift)))
     du, dv = as_col(params.defocus_u), as_col(params.defocus_v)
-    ang = as_col(np.deg2rad(np.asarray(params.defocus_angle, dtype=np.float64)))
-    bf = as_col(params.bfactor)
+    ang = as_col(np.deg2rad(host(params.defocus_angle)))
+    bfactor = host(params.bfactor)
+    bf = as_col(bfactor)
     fy, fx = freq_grid(box, apix, xp, rfft=rfft)
     s2 = (fx ** 2 + fy ** 2)[None]
     azimuth = xp.arctan2(fy, fx)[None]
@@ -86,7 +92,7 @@ def ctf_2d(params: CTFParams, box: int, apix: float, xp=np, rfft: bool = True):
     deltaf = -(0.5 * (du + dv) + 0.5 * (du - dv) * xp.cos(2 * (azimuth - ang)))
     arg = np.pi * lam * deltaf * s2 + (np.pi / 2) * cs * lam ** 3 * s2 ** 2 - k5 - k3
     ctf = -xp.sin(arg)
-    if np.any(np.asarray(params.bfactor) != 0):
+    if np.any(bfactor != 0):
         ctf = ctf * xp.exp(-bf / 4.0 * s2)
     return ctf.astype(xp.float32)
 
@@ -97,15 +103,28 @@ def apply_ctf(images, params: CTFParams, apix: float):
     return fourier_filter(images, ctf_2d(params, images.shape[-1], apix, xp))
 
 
+def correction_filter(params: CTFParams, box: int, apix: float, mode: str = "phase_flip", snr: float = 0.1, xp=np):
+    """The Fourier-space CTF correction (n, box, box//2+1) on `xp`: sign(CTF) for "phase_flip",
+    CTF / (CTF^2 + 1/snr) for "wiener"."""
+    c = ctf_2d(params, box, apix, xp)
+    if mode == "phase_flip":
+        return xp.sign(c)
+    if mode == "wiener":
+        return c / (c * c + 1.0 / snr)
+    raise ValueError(f"unknown CTF correction {mode!r} (phase_flip | wiener | none)")
+
+
 def phase_flip(images, params: CTFParams, apix: float):
     """Multiply each image's Fourier transform by the sign of its CTF."""
     xp = get_array_module(images)
-    return fourier_filter(images, xp.sign(ctf_2d(params, images.shape[-1], apix, xp)))
+    return fourier_filter(images, correction_filter(params, images.shape[-1], apix, "phase_flip", xp=xp))
 
 
 def wiener_filter(images, params: CTFParams, apix: float, snr: float = 0.1):
     """Per-image Wiener filter CTF / (CTF^2 + 1/snr): corrects phases and boosts, with damping
-    set by the assumed spectral SNR, the attenuated amplitudes."""
+    set by the assumed spectral SNR, the attenuated amplitudes. Its sign is the CTF's, so it
+    corrects phases exactly as `phase_flip` does. A low `snr` (<< 1) makes it close to a
+    multiplication by the CTF (damps the zeros' neighbourhoods, no amplitude boost); a high one
+    approaches 1/CTF (boosts noise near the zeros)."""
     xp = get_array_module(images)
-    c = ctf_2d(params, images.shape[-1], apix, xp)
-    return fourier_filter(images, c / (c * c + 1.0 / snr))
+    return fourier_filter(images, correction_filter(params, images.shape[-1], apix, "wiener", snr, xp))

@@ -226,3 +226,27 @@ def polar_resample(images, n_radii: int = 16, n_angles: int = 64, r_min: float =
     ys, xs = polar_grid(box, n_radii, n_angles, r_min, r_max, xp)
     shape = (n,) + ys.shape
     return bilinear_sample(images, xp.broadcast_to(ys, shape), xp.broadcast_to(xs, shape))
+
+
+def fourier_crop_filtered(images, new_box: int, filt=None):
+    """fourier_crop(fourier_filter(images, filt), new_box) in one pass for new_box < D (both
+    even): one rFFT at the input box, the filter ((D, D//2+1) or (n, D, D//2+1), or None),
+    the crop on the rFFT grid, one inverse rFFT at the small box. Same result as the two-step
+    form up to float rounding (the new box's Nyquist row is the mean of the +/- Nyquist rows and
+    the corner is Re F(h, h), as the real part of `fourier_crop`'s inverse FFT makes them); about 3x fewer FFT operations
+    and a third of the memory. Other sizes fall back to the two-step form."""
+    xp = get_array_module(images)
+    box = images.shape[-1]
+    if new_box >= box or box % 2 or new_box % 2:
+        x = fourier_filter(images, filt) if filt is not None else images
+        return fourier_crop(x, new_box)
+    f = xp.fft.rfft2(images)
+    if filt is not None:
+        f = f * filt
+    h = new_box // 2
+    out = xp.empty(f.shape[:-2] + (new_box, h + 1), dtype=f.dtype)
+    out[..., :h, :] = f[..., :h, :h + 1]
+    out[..., h + 1:, :] = f[..., box - h + 1:, :h + 1]
+    out[..., h, :] = 0.5 * (f[..., h, :h + 1] + f[..., box - h, :h + 1])
+    out[..., h, h] = f[..., h, h]  # the corner: fourier_crop keeps Re F(-h, -h) = Re F(h, h)
+    return (xp.fft.irfft2(out, s=(new_box, new_box)) * (new_box / box) ** 2).astype(xp.float32)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .backend import asnumpy, choose_array_module, get_array_module
-from .ctf import CTFParams, phase_flip, wiener_filter
-from .imageops import circular_mask, fourier_crop, fourier_filter, freq_grid, lowpass, normalise_background
+from .ctf import CTFParams, correction_filter
+from .imageops import circular_mask, fourier_crop_filtered, fourier_filter, freq_grid, lowpass, normalise_background
 from .io.atomic import atomic_path, write_text
 from .io.mrc import read_images
 from .io.star import ParticleTable
@@ -30,6 +30,7 @@ class PreprocessConfig:
     ctf: str = "phase_flip"
     wiener_snr: float = 0.1
     bg_radius_px: float = -1
+    bg_radius_A: float = 0.0  # > 0: background radius in Å (of the working pixel size), overrides bg_radius_px
     lowpass_A: float = 0.0
     mask_radius_px: float = -1
     whiten: bool = False
@@ -40,49 +41,96 @@ class PreprocessConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
-    def bg_radius(self) -> float:
+    def bg_radius(self, apix: float | None = None) -> float:
+        """Background radius in working px: bg_radius_A / apix (apix = working pixel size in Å)
+        when set, else bg_radius_px, else RELION's default 0.375 x box."""
+        if self.bg_radius_A > 0:
+            if apix is None:
+                raise ValueError("preprocess.bg_radius_A needs the working pixel size")
+            return self.bg_radius_A / apix
         return self.bg_radius_px if self.bg_radius_px > 0 else 0.375 * self.box
 
 
-def preprocess_batch(images, ctf: CTFParams | None, apix: float, cfg: PreprocessConfig):
-    """images (n, D, D) at `apix` Å/px → (n, box, box) float32 at apix * D / box, NumPy or CuPy."""
+def preprocess_batch(images, ctf: CTFParams | None, apix: float, cfg: PreprocessConfig, mask: bool = True):
+    """images (n, D, D) at `apix` Å/px → (n, box, box) float32 at apix * D / box, NumPy or CuPy
+    (the result lives on the input's device; CTF parameters stay host arrays).
+
+    Steps: CTF correction (cfg.ctf: phase_flip | wiener | none) at the input pixel size and
+    Fourier crop/pad to cfg.box (one rFFT of the input, one inverse rFFT at the working box), optional low-pass to cfg.lowpass_A Å, background
+    normalisation (mean 0, std 1 outside cfg.bg_radius() working px), and, if `mask` and
+    cfg.mask_radius_px > 0, a soft circular mask (3 px raised-cosine edge). Whitening needs the
+    shard's noise spectrum and is done by `preprocess_table` (which passes mask=False first)."""
     box_in = images.shape[-1]
-    if ctf is not None and cfg.ctf == "phase_flip":
-        images = phase_flip(images, ctf, apix)
-    elif ctf is not None and cfg.ctf == "wiener":
-        images = wiener_filter(images, ctf, apix, cfg.wiener_snr)
-    x = fourier_crop(images, cfg.box)
+    filt = None
+    if ctf is not None and cfg.ctf != "none":
+        filt = correction_filter(ctf, box_in, apix, cfg.ctf, cfg.wiener_snr, get_array_module(images))
+    x = fourier_crop_filtered(images, cfg.box, filt)  # CTF correction and crop in one Fourier pass
     new_apix = apix * box_in / cfg.box
     if cfg.lowpass_A > 0:
         x = lowpass(x, cfg.lowpass_A, new_apix)
-    x = normalise_background(x, cfg.bg_radius())
-    if cfg.mask_radius_px > 0:
-        x = x * circular_mask(cfg.box, cfg.mask_radius_px, soft_edge=3.0, xp=get_array_module(x))
+    x = normalise_background(x, cfg.bg_radius(new_apix))
+    if mask:
+        x = apply_mask(x, cfg)
     return x
 
 
-def radial_noise_spectrum(images) -> np.ndarray:
-    """Radially averaged power spectrum (box//2+1,) of images (n, box, box)."""
-    box = images.shape[-1]
-    p = (np.abs(np.fft.rfft2(images)) ** 2).mean(axis=0)
-    fy, fx = freq_grid(box, 1.0, np)
-    shell = np.minimum(np.round(np.sqrt(fx ** 2 + fy ** 2) * box).astype(int), box // 2)
-    return np.bincount(shell.ravel(), p.ravel(), minlength=box // 2 + 1) / np.maximum(np.bincount(shell.ravel(), minlength=box // 2 + 1), 1)
+def apply_mask(images, cfg: PreprocessConfig):
+    """Soft circular mask of cfg.mask_radius_px working px (no-op when <= 0)."""
+    if cfg.mask_radius_px <= 0:
+        return images
+    return images * circular_mask(images.shape[-1], cfg.mask_radius_px, soft_edge=3.0, xp=get_array_module(images))
 
 
-def whiten(images, spectrum: np.ndarray):
-    """Divide each image's Fourier transform by sqrt of the radial noise spectrum (then renormalise)."""
+def _shells(box: int, xp):
+    """Integer radial shell (0 … box//2) of every rFFT coefficient of a (box, box) image."""
+    fy, fx = freq_grid(box, 1.0, xp)
+    return xp.minimum(xp.rint(xp.sqrt(fx ** 2 + fy ** 2) * box).astype(xp.int64), box // 2)
+
+
+def radial_power_sums(images):
+    """(sum of |F|^2 per radial shell, number of coefficients per shell) over images (n, box, box);
+    both (box//2+1,) float64 on the images' device. Sums over batches combine by addition."""
+    xp = get_array_module(images)
     box = images.shape[-1]
-    fy, fx = freq_grid(box, 1.0, np)
-    shell = np.minimum(np.round(np.sqrt(fx ** 2 + fy ** 2) * box).astype(int), box // 2)
-    filt = 1.0 / np.sqrt(np.maximum(spectrum[shell], 1e-12))
+    shell = _shells(box, xp).ravel()
+    p = (xp.abs(xp.fft.rfft2(images)) ** 2).sum(axis=0).astype(xp.float64).ravel()
+    nb = box // 2 + 1
+    return (xp.bincount(shell, weights=p, minlength=nb),
+            xp.bincount(shell, minlength=nb).astype(xp.float64) * images.shape[0])
+
+
+def radial_noise_spectrum(images):
+    """Radially averaged power spectrum (box//2+1,) of images (n, box, box), NumPy or CuPy
+    (same module as the input). Shell k holds the rFFT coefficients with round(|f| box) = k,
+    frequencies beyond Nyquist in the corners folded into the last shell."""
+    xp = get_array_module(images)
+    s, c = radial_power_sums(images)
+    return s / xp.maximum(c, 1)
+
+
+def whiten(images, spectrum):
+    """Divide each image's Fourier transform by sqrt of the radial noise spectrum (the mean is
+    set to 0); renormalise afterwards. `spectrum` (box//2+1,) may be NumPy or CuPy; the filter is
+    built on the images' device."""
+    xp = get_array_module(images)
+    box = images.shape[-1]
+    spec = xp.asarray(asnumpy(spectrum) if xp is np else spectrum, dtype=xp.float64)
+    filt = 1.0 / xp.sqrt(xp.maximum(spec[_shells(box, xp)], 1e-12))
     filt[0, 0] = 0.0
-    return fourier_filter(images, filt.astype(np.float32))
+    return fourier_filter(images, filt.astype(xp.float32))
 
 
-def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, device: str = "auto") -> dict:
-    """Preprocess every particle of `table` into `out_path` (.npy float16, (n, box, box)) plus
-    `out_path` with suffix .json (box, pixel size, what was applied). Returns the sidecar dict."""
+def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, device: str = "auto",
+                     spectrum_images: int = 2000) -> dict:
+    """Preprocess every particle of `table` into `out_path` (.npy float16, (n, box, box),
+    memory-mappable) plus `out_path` with suffix .json (box, pixel size, what was applied).
+    Returns the sidecar dict.
+
+    Memory: raw images are read `cfg.batch_size` at a time (one batch of raw images, its
+    working copies on the device, then written into the memory-mapped output), so memory does
+    not grow with the shard. With cfg.whiten, the noise spectrum is accumulated batch by batch
+    over the first `spectrum_images` preprocessed (unmasked) images, then a second pass over the
+    output whitens, renormalises and masks each batch."""
     out_path = Path(out_path)
     xp = choose_array_module(device)
     n = len(table)
@@ -97,6 +145,8 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
     t0 = time.time()
     from numpy.lib.format import open_memmap
 
+    spec_sum = spec_count = None
+    spectrum = None
     with atomic_path(out_path) as tmp:
         out = open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, cfg.box, cfg.box))
         box_in = None
@@ -107,21 +157,42 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
                 bad = rows[np.flatnonzero(~np.isfinite(raw).reshape(len(rows), -1).all(1))[0]]
                 raise ValueError(f"{paths[bad]}: particle row {bad + 1} ({names[bad]}) has non-finite pixels (NaN/inf)")
             box_in = raw.shape[-1]
-            x = preprocess_batch(xp.asarray(raw), ctf_all.subset(rows) if ctf_all is not None else None, apix, cfg)
+            x = preprocess_batch(xp.asarray(raw), ctf_all.subset(rows) if ctf_all is not None else None, apix, cfg,
+                                 mask=not cfg.whiten)
+            del raw
+            if cfg.whiten and s < spectrum_images:
+                ps, pc = radial_power_sums(x[: max(0, spectrum_images - s)])
+                spec_sum, spec_count = (ps, pc) if spec_sum is None else (spec_sum + ps, spec_count + pc)
             out[rows] = asnumpy(x).astype(np.float16)
+            del x
             log.info("preprocessed %d/%d particles (%.0f img/s)", rows[-1] + 1, n, (rows[-1] + 1) / max(time.time() - t0, 1e-9))
-        if cfg.whiten:
-            spec = radial_noise_spectrum(np.asarray(out[: min(n, 2000)], dtype=np.float32))
+        work_apix = apix * (box_in or cfg.box) / cfg.box
+        if cfg.whiten and n > 0:
+            spectrum = spec_sum / xp.maximum(spec_count, 1)
             for s in range(0, n, cfg.batch_size):
-                x = whiten(np.asarray(out[s:s + cfg.batch_size], dtype=np.float32), spec)
-                out[s:s + cfg.batch_size] = normalise_background(x, cfg.bg_radius()).astype(np.float16)
+                x = whiten(xp.asarray(out[s:s + cfg.batch_size], dtype=xp.float32), spectrum)
+                x = apply_mask(normalise_background(x, cfg.bg_radius(work_apix)), cfg)
+                out[s:s + cfg.batch_size] = asnumpy(x).astype(np.float16)
         out.flush()
         del out
+    work_apix = apix * (box_in or cfg.box) / cfg.box
+    flipped = cfg.ctf in ("phase_flip", "wiener") and ctf_all is not None
     meta = {"particles": n, "box": cfg.box, "input_box": box_in, "input_apix_A": apix,
-            "apix_A": apix * (box_in or cfg.box) / cfg.box, "ctf_correction": cfg.ctf,
+            "apix_A": work_apix, "ctf_correction": cfg.ctf,
             "wiener_snr": cfg.wiener_snr if cfg.ctf == "wiener" else None,
-            "bg_radius_px": cfg.bg_radius(), "lowpass_A": cfg.lowpass_A or None,
+            # what the particles' STAR rows would say about the pixels of this array (RELION's
+            # optics label; a Wiener filter also corrects the phases). The export does not add it:
+            # these arrays are the working copy, the exported STAR points at the original stacks.
+            "star_labels": {"rlnCtfDataArePhaseFlipped": int(flipped), "rlnImagePixelSize": work_apix,
+                            "rlnImageSize": cfg.box},
+            "steps": [step for step, on in (
+                (f"ctf_{cfg.ctf}", flipped), (f"fourier_crop_{box_in}_to_{cfg.box}", True),
+                (f"lowpass_{cfg.lowpass_A}A", cfg.lowpass_A > 0), (f"normalise_background_r{cfg.bg_radius(work_apix):g}px", True),
+                ("whiten", cfg.whiten), (f"soft_mask_r{cfg.mask_radius_px:g}px", cfg.mask_radius_px > 0)) if on],
+            "bg_radius_px": cfg.bg_radius(work_apix), "lowpass_A": cfg.lowpass_A or None,
             "mask_radius_px": cfg.mask_radius_px if cfg.mask_radius_px > 0 else None,
-            "whitened": cfg.whiten, "array_module": xp.__name__, "dtype": "float16"}
+            "whitened": cfg.whiten,
+            "noise_spectrum": [float(v) for v in asnumpy(spectrum)] if spectrum is not None else None,
+            "batch_size": cfg.batch_size, "array_module": xp.__name__, "dtype": "float16"}
     write_text(out_path.with_suffix(".json"), json.dumps(meta, indent=2))
     return meta

@@ -23,10 +23,7 @@ def write_shards(table: ParticleTable, size: int, out_dir) -> list[Path]:
     """Write shard_{i}.star files with the input's optics and columns plus the input row index;
     stack paths are made absolute so the shards can live anywhere."""
     out_dir = Path(out_dir)
-    paths, _ = table.image_refs()
-    parts = table.particles.copy()
-    idx = [name.split("@", 1)[0] + "@" if "@" in name else "" for name in parts["rlnImageName"].astype(str)]
-    parts["rlnImageName"] = [i + str(Path(p).resolve()) for i, p in zip(idx, paths)]
+    parts = table.with_absolute_paths().particles
     parts[ROW_COLUMN] = np.arange(len(parts))
     full = table.with_particles(parts)
     out = []

@@ -18,8 +18,13 @@ wildcard_constraints:
     shard=r"\d+",
 
 
-def particles_file():
-    """The particles the pipeline classifies: the user's file, or the simulated demo set."""
+def particles_file(checked=True):
+    """The particles the pipeline classifies: the user's file, or the simulated demo set.
+
+    With check.exclude_bad, the steps after the check read the checked selection
+    ({R}/check/particles_checked.star, stack paths absolute); checked=False gives the input."""
+    if checked and config["check"]["exclude_bad"]:
+        return f"{R}/check/particles_checked.star"
     return f"{R}/demo/particles.star" if SIMULATED else config["particles"]
 
 
@@ -63,4 +68,6 @@ rule save_config:
     log:
         f"{R}/logs/save_config.log",
     run:
-        Path(output[0]).write_text(yaml.safe_dump(dict(params.cfg), sort_keys=False))
+        tmp = Path(output[0]).with_name(f".{Path(output[0]).name}.part")  # atomic: write, then rename
+        tmp.write_text(yaml.safe_dump(dict(params.cfg), sort_keys=False))
+        tmp.replace(output[0])

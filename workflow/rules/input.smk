@@ -18,23 +18,38 @@ rule simulate_demo:
         "clcluster simulate --config {input.config:q} --out-dir {R:q}/demo > {log:q} 2>&1"
 
 
+# check.exclude_bad: the particles without problems go to particles_checked.star (which the later
+# steps then read, see particles_file()) and the excluded ones, with the reason, to excluded.csv.
+CHECKED = (
+    dict(checked=f"{R}/check/particles_checked.star", excluded=f"{R}/check/excluded.csv")
+    if config["check"]["exclude_bad"]
+    else {}
+)
+
+
 rule check_particles:
     """Validate the particle file and its stacks before any work (every problem listed)."""
     input:
-        star=particles_file(),
+        star=particles_file(checked=False),
         config=rules.save_config.output[0],
     output:
         report=f"{R}/check/report.txt",
+        **CHECKED,
     params:
         root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
         ctf="--no-ctf" if config["preprocess"]["ctf"] == "none" else "",
         classes=config["classes"],
+        exclude=(
+            f"--exclude-bad {shlex.quote(CHECKED['checked'])} --excluded-list {shlex.quote(CHECKED['excluded'])}"
+            if CHECKED
+            else ""
+        ),
     log:
         f"{R}/logs/check_particles.log",
     conda:
         ENV
     shell:
-        "clcluster check {input.star:q} {params.root} {params.ctf} --classes {params.classes} "
+        "clcluster check {input.star:q} {params.root} {params.ctf} --classes {params.classes:q} {params.exclude} "
         "> {output.report:q} 2> {log:q} || (cat {output.report:q} >&2; exit 1)"
 
 
@@ -53,4 +68,4 @@ checkpoint shard_particles:
     conda:
         ENV
     shell:
-        "clcluster shard {input.star:q} --size {params.size} --out-dir {output.folder:q} {params.root} > {log:q} 2>&1"
+        "clcluster shard {input.star:q} --size {params.size:q} --out-dir {output.folder:q} {params.root} > {log:q} 2>&1"

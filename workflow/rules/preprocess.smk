@@ -40,3 +40,10 @@ rule embed_shard:
     shell:
         "clcluster embed --encoder {input.encoder:q} --shard {input.images:q} --out {output:q} "
         "--config {input.config:q} > {log:q} 2>&1"
+
+
+rule preprocess_all:
+    """Target that stops after preprocessing: `snakemake preprocess_all` (every shard done)."""
+    input:
+        per_shard(f"{R}/preprocessed/shard_{{shard}}.npy"),
+    localrule: True

@@ -163,6 +163,16 @@ class ParticleTable:
             paths.append(cache[stack])
         return paths, indices
 
+    def with_absolute_paths(self) -> "ParticleTable":
+        """The same table with every `_rlnImageName` stack path made absolute (index text kept),
+        so that a STAR written from it can live in any folder."""
+        paths, _ = self.image_refs()
+        names = self.particles["rlnImageName"].astype(str)
+        idx = [name.split("@", 1)[0] + "@" if "@" in name else "" for name in names]
+        parts = self.particles.copy()
+        parts["rlnImageName"] = [i + str(Path(p).resolve()) for i, p in zip(idx, paths)]
+        return self.with_particles(parts)
+
     def resolve(self, stack: str) -> Path:
         p = Path(stack)
         if p.is_absolute():
