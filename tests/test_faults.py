@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+import yaml
 
 from clcluster.io import read_particles
 from clcluster.io.mrc import write_stack
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests/workflow/config.yaml"
 FAULTS = REPO / "tests/workflow/config_faults.yaml"   # 4 shards, 40 steps, checkpoint ~every step
 N_DEMO = 160
+STEPS = yaml.safe_load(FAULTS.read_text())["train"]["steps"]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
@@ -140,7 +142,7 @@ def preprocessed(tmp_path_factory):
 def test_interrupted_preprocess_redoes_only_the_unfinished_shards(preprocessed):
     results, finished = preprocessed["results"], preprocessed["finished"]
     n_shards = len(list((results / "shards").glob("shard_*.star")))
-    assert n_shards == 4
+    assert n_shards == 2
     assert 1 <= len(finished) < n_shards
     npys = sorted((results / "preprocessed").glob("shard_*.npy"))
     assert len(npys) == n_shards
@@ -168,14 +170,16 @@ def copy_results(preprocessed, dest: Path) -> Path:
     return results
 
 
-def interrupt_training(results, sig, log: Path):
-    """Start the workflow, wait until training has written a checkpoint, send `sig` to the
-    `clcluster train` process; returns (snakemake return code, checkpoint step)."""
+def interrupt_training(results, sig, log: Path, after_ns: int = 0):
+    """Start the workflow, wait until its training has written a checkpoint (newer than
+    `after_ns`), send `sig` to the `clcluster train` process; returns Snakemake's exit code."""
     ckpt = results / "model/encoder.ckpt"
-    proc = start_snakemake(results, log=log)
+    proc = start_snakemake(results, "--rerun-incomplete", log=log)
     try:
-        wait_for(lambda: ckpt.exists(), proc, what="a training checkpoint")
-        train = wait_for(lambda: train_process(results), proc, timeout=30, what="the train process")
+        # find the process while it starts up, then signal it the moment a checkpoint appears
+        train = wait_for(lambda: train_process(results), proc, poll=0.1, what="the train process")
+        wait_for(lambda: ckpt.exists() and ckpt.stat().st_mtime_ns > after_ns, proc, poll=0.005,
+                 what="a training checkpoint")
         train.send_signal(sig)
         rc = proc.wait(300)
     finally:
@@ -183,39 +187,57 @@ def interrupt_training(results, sig, log: Path):
     return rc
 
 
-def rerun_and_check_resumed(results):
-    proc = run_snakemake(results, "--rerun-incomplete")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def assert_interrupted(results, log: Path):
+    """The run failed at training, left a checkpoint and nothing that looks like an encoder."""
+    text = log.read_text()
+    assert "train_encoder" in text and "Error" in text, text[-3000:]
+    assert (results / "model/encoder.ckpt").exists()
+    assert not list((results / "model").glob("encoder*.pt"))
+    assert not (results / "model/encoder_loss.csv").exists()
+    assert not (results / "export").exists()
+
+
+def resumed_step(results) -> int:
     train_log = (results / "logs/train_encoder.log").read_text()
     m = re.search(r"resumed from \S+encoder\.ckpt at step (\d+)", train_log)
     assert m, train_log
-    assert 0 < int(m.group(1)) < 40
-    assert not (results / "model/encoder.ckpt").exists()       # removed once training is done
-    losses = pd.read_csv(results / "model/encoder_loss.csv")
-    assert list(losses["step"]) == list(range(1, 41))           # the whole curve, resumed or not
-    assert_complete_output(results)
     return int(m.group(1))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_training_killed_resumes_from_checkpoint(preprocessed, tmp_path, sig):
+def test_training_killed_resumes_from_checkpoint(preprocessed, tmp_path):
+    """SIGKILL (node lost: only the timer's checkpoint survives), rerun; SIGTERM (preemption
+    notice: the signal makes a checkpoint) in the resumed run, rerun: the last run completes
+    from the checkpoint with a complete, valid output."""
     results = copy_results(preprocessed, tmp_path)
     shards = sorted((results / "preprocessed").glob("shard_*.npy"))
     mtimes = [p.stat().st_mtime_ns for p in shards]
-    rc = interrupt_training(results, sig, tmp_path / "run.log")
+    ckpt = results / "model/encoder.ckpt"
+
+    # 1. SIGKILL mid-training: the last timer checkpoint stays
+    rc = interrupt_training(results, signal.SIGKILL, tmp_path / "run1.log")
     assert rc != 0
-    log = (tmp_path / "run.log").read_text()
-    assert "train_encoder" in log and "Error" in log
-    assert [p.stat().st_mtime_ns for p in shards] == mtimes     # preprocessing was not redone
-    # a checkpoint, and nothing that looks like a finished encoder
-    assert (results / "model/encoder.ckpt").exists()
-    assert not (results / "model/encoder.pt").exists()
-    assert not list((results / "model").glob("encoder*.pt"))
+    assert_interrupted(results, tmp_path / "run1.log")
+    first = ckpt.stat().st_mtime_ns
+
+    # 2. rerun: resumes from it; SIGTERM once it has checkpointed again
+    rc = interrupt_training(results, signal.SIGTERM, tmp_path / "run2.log", after_ns=first)
+    assert rc != 0
+    assert_interrupted(results, tmp_path / "run2.log")
+    step1 = resumed_step(results)
     train_log = (results / "logs/train_encoder.log").read_text()
-    if sig == signal.SIGTERM:   # the signal itself made a checkpoint and a clear message
-        assert "checkpoint written" in train_log and "rerun to resume" in train_log
-    step = rerun_and_check_resumed(results)
-    assert step >= 1
+    assert "checkpoint written" in train_log and "rerun to resume" in train_log   # said why it stopped
+
+    # 3. rerun: resumes from the SIGTERM checkpoint and completes
+    proc = run_snakemake(results, "--rerun-incomplete")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    step2 = resumed_step(results)
+    assert 0 < step1 < step2 < STEPS
+    assert not ckpt.exists()                                     # removed once training is done
+    losses = pd.read_csv(results / "model/encoder_loss.csv")
+    assert list(losses["step"]) == list(range(1, STEPS + 1))           # the whole curve over three runs
+    assert np.isfinite(losses["loss"]).all()
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes      # preprocessing never redone
+    assert_complete_output(results)
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -313,7 +335,8 @@ def test_exclude_bad_keeps_every_checked_particle_once(small_set, tmp_path):
     write_star(star, table.with_particles(parts))
     overlay = tmp_path / "exclude.yaml"
     overlay.write_text("check:\n  exclude_bad: true\nshard:\n  size: 1000\ntrain:\n  steps: 4\n  batch_size: 16\n"
-                       "cluster:\n  refine: false\nexport:\n  align_iterations: 1\n  cryosparc: false\n")
+                       "cluster:\n  refine: false\nexport:\n  align_iterations: 1\n  align_angles: 32\n  cryosparc: false\n"
+                       "  average_box: working\n  tsne_max_points: 100\n")
     results = tmp_path / "results"
     wf = run_snakemake(results, configs=(TINY, overlay), config=(f"particles={star}", "classes=2"))
     assert wf.returncode == 0, wf.stderr[-4000:]
