@@ -16,6 +16,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/cluster.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/benchmark.smk"
 
 
 rule all:

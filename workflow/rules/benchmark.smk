@@ -1,0 +1,19 @@
+# Accuracy benchmark on simulated data (not part of the default target):
+#   snakemake benchmark --cores 2
+
+
+rule benchmark:
+    """Every method over the SNR grid on the built-in volume and the ribosome map."""
+    input:
+        config=rules.save_config.output[0],
+    output:
+        table=f"{R}/benchmark/results.md",
+        csv=f"{R}/benchmark/results.csv",
+        plot=f"{R}/benchmark/accuracy_vs_snr.png",
+    log:
+        f"{R}/logs/benchmark.log",
+    threads: workflow.cores
+    conda:
+        ENV
+    shell:
+        "clcluster benchmark --config {input.config:q} --out-dir {R:q}/benchmark > {log:q} 2>&1"
