@@ -101,6 +101,14 @@ def align_batch(pf: torch.Tensor, ref_f: torch.Tensor, pg: PolarGrid, candidates
         corr = rotational_correlation(pf, ref_f[candidates], pg.n_angles, per_particle=True)
     else:
         corr = rotational_correlation(pf, ref_f, pg.n_angles, per_particle=False)
+    cls, score, rot, off, second, _ = best_pose(corr, candidates)
+    return cls, score, rot, off, second
+
+
+def best_pose(corr: torch.Tensor, candidates: torch.Tensor | None):
+    """From correlations (n, S, K', A): best class (an index into `candidates` mapped back to a
+    class when given), its score, rotation index, offset index, the second-best class's score,
+    and the best score per class over poses (n, K')."""
     n, s, k, a = corr.shape
     best_over_pose, arg_pose = corr.permute(0, 2, 1, 3).reshape(n, k, s * a).max(dim=-1)  # (n, k)
     top = best_over_pose.topk(min(2, k), dim=1)
@@ -109,7 +117,7 @@ def align_batch(pf: torch.Tensor, ref_f: torch.Tensor, pg: PolarGrid, candidates
     second = top.values[:, 1] if k > 1 else torch.full_like(top.values[:, 0], -1.0)
     if candidates is not None:
         cls = candidates.gather(1, cls[:, None])[:, 0]
-    return cls, top.values[:, 0], pose % a, pose // a, second
+    return cls, top.values[:, 0], pose % a, pose // a, second, best_over_pose
 
 
 class PolarCache:
@@ -211,19 +219,12 @@ def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.n
             sums += contrib.sum(0)
             weights += wk.sum(0)
         # most probable pose, for the hard labels and the objective
-        best_over_pose, arg_pose = corr.permute(0, 2, 1, 3).reshape(b, kk, -1).max(dim=-1)
-        top = best_over_pose.topk(min(2, kk), dim=1)
-        cls = top.indices[:, 0]
-        pose = arg_pose.gather(1, cls[:, None])[:, 0]
-        second = top.values[:, 1] if kk > 1 else torch.full_like(top.values[:, 0], -1.0)
-        if cand is not None:
-            cls = cand.gather(1, cls[:, None])[:, 0]
+        cls, score, rot, off, second, best_over_pose = best_pose(corr, cand)
         if top_m:
             t = best_over_pose.topk(min(top_m, kk), dim=1).indices
             t = cand.gather(1, t) if cand is not None else t
             top_classes[s:s + b] = t.cpu().numpy() if t.shape[1] == top_m else np.pad(t.cpu().numpy(), ((0, 0), (0, top_m - t.shape[1])), mode="edge")
-        for key, v in (("labels", cls), ("score", top.values[:, 0]), ("rot", pose % pg.n_angles),
-                       ("off", pose // pg.n_angles), ("second", second)):
+        for key, v in (("labels", cls), ("score", score), ("rot", rot), ("off", off), ("second", second)):
             hard[key][s:s + b] = v.cpu().numpy()
     rot_deg = (-hard["rot"] % pg.n_angles) * (360.0 / pg.n_angles)
     res = Alignment(hard["labels"], hard["score"], rot_deg.astype(np.float32), pg.offsets[hard["off"]], hard["second"])
