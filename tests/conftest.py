@@ -64,3 +64,16 @@ def xpcall(xp):
         return host if isinstance(out, tuple) else host[0]
 
     return call
+
+
+def binned_easy_set(views: int, snr: float, seed: int, images_per_view: int = 50):
+    """(images, true classes, clean references): a simulated set phase-flipped and Fourier-cropped
+    from 64 to 32 px, background-normalised at radius 12 px, with its clean projections prepared alike."""
+    from clcluster.ctf import phase_flip
+    from clcluster.imageops import fourier_crop, normalise_background
+
+    cfg = SimulationConfig(views=views, images_per_view=images_per_view, snr=snr, seed=seed)
+    sim = simulate(cfg)
+    img = normalise_background(fourier_crop(phase_flip(sim.images, sim.ctf, cfg.apix), 32), radius=12)
+    refs = normalise_background(fourier_crop(sim.projections, 32), radius=12)
+    return img, sim.truth["class"].to_numpy(), refs

@@ -3,19 +3,14 @@ import numpy as np
 import pytest
 
 from clcluster.baselines import invariant_features, invariant_kmeans, oracle_labels, pca_kmeans
-from clcluster.ctf import phase_flip
-from clcluster.imageops import fourier_crop, normalise_background, rotate
+from clcluster.imageops import rotate
 from clcluster.metrics import hungarian_accuracy
-from clcluster.simulate import SimulationConfig, simulate
+from conftest import binned_easy_set
 
 
 @pytest.fixture(scope="module")
 def easy():
-    cfg = SimulationConfig(views=5, images_per_view=50, snr=0.5, seed=2)
-    sim = simulate(cfg)
-    img = normalise_background(fourier_crop(phase_flip(sim.images, sim.ctf, cfg.apix), 32), radius=12)
-    refs = normalise_background(fourier_crop(sim.projections, 32), radius=12)
-    return img, sim.truth["class"].to_numpy(), refs
+    return binned_easy_set(5, 0.5, 2)
 
 
 def test_oracle_finds_true_views(easy):

@@ -2,20 +2,15 @@
 import numpy as np
 import pytest
 
-from clcluster.ctf import phase_flip
-from clcluster.imageops import fourier_crop, normalise_background, rotate
+from clcluster.imageops import rotate
 from clcluster.metrics import hungarian_accuracy
 from clcluster.ml2d import PolarScanner, ml2d
-from clcluster.simulate import SimulationConfig, simulate
+from conftest import binned_easy_set
 
 
 @pytest.fixture(scope="module")
 def easy():
-    cfg = SimulationConfig(views=4, images_per_view=50, snr=1.0, seed=3)
-    sim = simulate(cfg)
-    img = normalise_background(fourier_crop(phase_flip(sim.images, sim.ctf, cfg.apix), 32), radius=12)
-    refs = normalise_background(fourier_crop(sim.projections, 32), radius=12)
-    return img, sim.truth["class"].to_numpy(), refs
+    return binned_easy_set(4, 1.0, 3)
 
 
 def test_ml2d_recovers_views(easy):

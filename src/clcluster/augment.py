@@ -13,6 +13,7 @@ import numpy as np
 from .backend import asnumpy, get_array_module
 from .ctf import CTFParams, ctf_2d
 from .imageops import fourier_filter, fourier_shift, gaussian_lowpass, rotate
+from .config import dataclass_from_dict
 
 
 @dataclasses.dataclass
@@ -36,9 +37,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AugmentConfig":
-        d = d or {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return dataclass_from_dict(cls, d)
 
 
 def random_rotation(images, rng):

@@ -28,11 +28,13 @@ def _add_config(p):
 
 
 def _read(path, root=None):
-    try:
-        from .io import read_particles
-    except ImportError:  # pragma: no cover - older layout
-        from .io.star import read_star as read_particles
+    from .io import read_particles
+
     return read_particles(path, root=root or None)
+
+
+def _add_device(p, help=None):
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help=help or "auto: the GPU where present (default: config device)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check a STAR/.cs particle file and its stacks: missing/corrupt stacks, indices out of "
                                    "range, box/pixel-size mismatches, missing CTF columns, NaN pixels, duplicates. "
                                    "Prints every problem; exit code 1 if any (unless they are excluded explicitly).")
-    try:
-        from . import check as _check
+    from . import check as _check
 
-        _check.add_args(s)
-    except ImportError:
-        s.add_argument("particles")
+    _check.add_args(s)
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("shard", help="split the particles into STAR shards (no pixel copy)")
@@ -258,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("shard", help="shard STAR file")
     s.add_argument("--out", required=True, help="output .npy (n, box, box) float16")
     s.add_argument("--box", type=int, help="working box in pixels (default: config preprocess.box)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: CuPy on a GPU if present, else NumPy")
+    _add_device(s, "auto: CuPy on a GPU if present, else NumPy")
     _add_config(s)
     s.set_defaults(func=cmd_preprocess)
 
@@ -269,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", nargs="+", required=True, help="preprocessed .npy shards")
     s.add_argument("--out", required=True, help="encoder file (.pt); loss curve written beside it")
     s.add_argument("--steps", type=int, help="optimiser steps (default: config train.steps)")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _add_device(s)
     _add_config(s)
     s.set_defaults(func=cmd_train)
 
@@ -277,12 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", required=True, help="encoder .pt from train")
     s.add_argument("--shard", required=True, help="preprocessed .npy shard")
     s.add_argument("--out", required=True, help="output .npy (n, feature_dim) float32, L2-normalised")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _add_device(s)
     _add_config(s)
     s.set_defaults(func=cmd_embed)
 
     s = sub.add_parser("cluster", help="merge embeddings, K-means++, alignment refinement",
-                       description="K-means++ on the merged embeddings, then (cluster.refine) a hard-EM refinement by "
+                       description="K-means++ on the merged embeddings, then (cluster.refine) an annealed EM refinement by "
                                    "in-plane alignment (rotations over 360 degrees, shifts in pixels of the working box) "
                                    "against the m nearest classes of each particle. Writes labels.npy and assignments.npz.")
     s.add_argument("--embeddings", nargs="+", required=True, help="per-shard embeddings, shard order")
@@ -290,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preprocessed", nargs="+", required=True, help="preprocessed shards, same order")
     s.add_argument("--classes", type=int, help="number of classes K (default: config classes)")
     s.add_argument("--out-dir", required=True)
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _add_device(s)
     _add_config(s)
     s.set_defaults(func=cmd_cluster)
 
@@ -306,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "export.select, else the automatic good/junk suggestion)")
     s.add_argument("--average-box", choices=["input", "working"],
                    help="average the original images at the input box (CTF-aware) or the preprocessed ones")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _add_device(s)
     _add_config(s)
     s.set_defaults(func=cmd_export)
 

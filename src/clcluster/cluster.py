@@ -14,6 +14,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from .align import PolarCache, PolarGrid, hard_em, soft_em
 from .backend import torch_device
+from .config import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ class ClusterConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return dataclass_from_dict(cls, d)
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@ fills them in and validates, for CLI runs outside Snakemake (which validates the
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -42,3 +43,9 @@ def load_config(path=None) -> dict:
     if path:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     return with_defaults(cfg)
+
+
+def dataclass_from_dict(cls, d: dict | None):
+    """An instance of the dataclass `cls` from the keys of `d` it has fields for (others ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in (d or {}).items() if k in names})

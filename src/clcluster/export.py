@@ -24,6 +24,7 @@ from .averages import (aligned_means, class_quality, half_set_resolution, refine
 from .io.atomic import atomic_path, write_text
 from .io.mrc import StackError, write_stack
 from .io.star import ParticleTable, write_star
+from .config import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,7 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return dataclass_from_dict(cls, d)
 
 
 # ---- pictures ------------------------------------------------------------------------------------

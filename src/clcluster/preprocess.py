@@ -18,6 +18,7 @@ from .imageops import circular_mask, fourier_crop_filtered, fourier_filter, freq
 from .io.atomic import atomic_path, write_text
 from .io.mrc import read_images
 from .io.star import ParticleTable
+from .config import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return dataclass_from_dict(cls, d)
 
     def bg_radius(self, apix: float | None = None) -> float:
         """Background radius in working px: bg_radius_A / apix (apix = working pixel size in Å)

@@ -19,6 +19,7 @@ from .imageops import fourier_shift, rotate
 from .io.atomic import atomic_path
 from .io.mrc import read_volume, write_stack
 from .io.star import ParticleTable, write_star
+from .config import dataclass_from_dict
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -174,7 +175,7 @@ class SimulationConfig:
         d = dict(d)
         if "volumes" in d:
             d["volumes"] = tuple(d["volumes"])
-        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        return dataclass_from_dict(cls, d)
 
 
 @dataclasses.dataclass

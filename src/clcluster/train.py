@@ -24,6 +24,7 @@ from .data import BatchPlan, ShardSet
 from .io.atomic import atomic_path, write_text
 from .losses import nt_xent
 from .models import ContrastiveModel, build_encoder, convert_sync_batchnorm
+from .config import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return dataclass_from_dict(cls, d)
 
 
 class _Preempted(Exception):
