@@ -77,3 +77,47 @@ def test_training_writes_loss_curve_and_resumes_from_checkpoint(tmp_path, prepro
     b = torch.load(tmp_path / "run.pt", weights_only=True)["state_dict"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_refinement_on_a_subset_then_streamed_assignment_of_all(easy_sim, preprocessed_easy, trained):
+    """Above refine_subset particles, refinement runs on a random subset and every particle is
+    then aligned once to the refined classes; mini-batch K-means above minibatch_above."""
+    from clcluster.data import RowView
+
+    cfg, sim = easy_sim
+    enc, _ = trained
+    feats = embed_images(enc, preprocessed_easy).astype(np.float16)
+    cc = ClusterConfig(n_init=4, refine_restarts=2, refine_subset=100, minibatch_above=150, cache_mb=0, batch_size=32)
+    res = cluster(feats, 4, cc, seed=0, images=RowView(preprocessed_easy, np.arange(len(feats))), device="cpu")
+    truth = sim.truth["class"].to_numpy()
+    assert res.labels.shape == (200,) and "assign_s" in res.timings
+    assert hungarian_accuracy(truth, res.labels) >= 0.85
+    # the streamed assignment's poses are those of the best class: its NCC beats the runner-up's
+    assert np.all(res.score >= -1) and np.all(res.score <= 1) and res.shift_px.shape == (200, 2)
+
+
+def test_streamed_assignment_matches_direct_distances():
+    from clcluster.cluster import assign, centroid_distances
+
+    rng = np.random.default_rng(0)
+    f, c = rng.normal(size=(1000, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
+    lab, own, margin, near = assign(f, c, 2, chunk=64)
+    d = centroid_distances(f, c)
+    assert np.array_equal(lab, d.argmin(1)) and np.array_equal(near[:, 0], lab)
+    assert np.allclose(own, d.min(1), atol=1e-5)
+    assert np.allclose(margin, np.sort(d, 1)[:, 1] - d.min(1), atol=1e-5)
+
+
+def test_merge_embeddings_keeps_shard_order_in_float16(tmp_path):
+    from clcluster.cluster import merge_embeddings
+
+    parts = [np.full((n, 4), i, np.float32) for i, n in enumerate((3, 5, 2))]
+    paths = []
+    for i, p in enumerate(parts):
+        np.save(tmp_path / f"e{i}.npy", p)
+        paths.append(tmp_path / f"e{i}.npy")
+    merged = merge_embeddings(paths)
+    assert merged.dtype == np.float16 and np.array_equal(merged, np.concatenate(parts))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="feature sizes"):
+        merge_embeddings(paths + [tmp_path / "bad.npy"])

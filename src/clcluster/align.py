@@ -125,6 +125,8 @@ class PolarCache:
     memory only while they fit in `max_bytes`, else recomputed from `images` each pass."""
 
     def __init__(self, images, pg: PolarGrid, device="cpu", batch_size: int = 512, max_bytes: float = 2e9):
+        """images: (n, D, D) array-like whose slices give float images (NumPy array, memory map,
+        `data.ShardSet`, `data.RowView`)."""
         self.images, self.pg, self.device, self.bs = images, pg, torch.device(device), batch_size
         self.grid = pg.grid(self.device)
         n = len(images)
@@ -282,7 +284,7 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
             log(f"  iteration {it + 1}{' (all classes)' if full else ''}: beta {beta:.0f}, mean NCC {c:.4f}, {changed:.1%} labels changed")
         if it + 1 >= anneal_iterations and changed < 0.002:
             break
-    return RefineResult(res, history[-1], history, 0)
+    return RefineResult(res, history[-1], history, 0, refs)
 
 
 def class_polar_means(cache: PolarCache, labels: np.ndarray, k: int) -> torch.Tensor:
@@ -305,6 +307,7 @@ class RefineResult:
     objective: float  # mean best NCC
     history: list  # objective per iteration
     restart: int
+    refs: torch.Tensor | None = None  # final class references, polar (K, R, A)
 
 
 def hard_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarray | None = None,
@@ -335,7 +338,7 @@ def hard_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
             log(f"  iteration {it + 1}: mean NCC {history[-1]:.4f}, {changed:.1%} labels changed")
         if changed < 0.002 and it > 0:
             break
-    return RefineResult(res, history[-1], history, 0)
+    return RefineResult(res, history[-1], history, 0, refs)
 
 
 def class_polar_means_subset(cache: PolarCache, rows: np.ndarray) -> torch.Tensor:

@@ -57,7 +57,7 @@ class ClassPoses:
 
 def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, iterations: int = 4,
                        n_angles: int = 128, max_shift_px: int = 2, device: str = "cpu", batch_size: int = 512,
-                       seed: int = 0) -> ClassPoses:
+                       seed: int = 0, cache_mb: float = 1000) -> ClassPoses:
     """Reference-free alignment of every particle to its own class's running average.
 
     Starts from the given pose (average of the particles brought into their frames) or, without
@@ -65,11 +65,12 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     perturbation breaks the rotational symmetry). Each iteration aligns every particle over all
     n_angles rotations and integer shifts within max_shift_px against its class average (one FFT
     along the polar angle, `align.align_all` with the class as the only candidate), then rebuilds
-    the averages from the aligned particles."""
+    the averages from the aligned particles. The particles' polar transforms are kept in memory
+    up to cache_mb MB, else recomputed each iteration (memory: one batch)."""
     labels = np.asarray(labels, dtype=np.int64)
     box = images.shape[-1] if hasattr(images, "shape") else images.box
     pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
-    cache = PolarCache(images, pg, device=device, batch_size=batch_size)
+    cache = PolarCache(images, pg, device=device, batch_size=batch_size, max_bytes=cache_mb * 1e6)
     centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
     if angle_deg is not None:
         means = aligned_means(images, labels, k, angle_deg, shift_px, batch_size)

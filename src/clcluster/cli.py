@@ -119,7 +119,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from .cluster import ClusterConfig, cluster
+    from .cluster import ClusterConfig, cluster, merge_embeddings
     from .data import ShardSet
     from .export import check_complete
     from .io.atomic import atomic_path, save_npy
@@ -133,7 +133,7 @@ def cmd_cluster(args) -> int:
     rows = np.concatenate([read_star(s).particles[ROW_COLUMN].to_numpy() for s in args.shard_stars])
     n_input = int(rows.max()) + 1 if len(rows) else 0
     check_complete(n_input, rows, "shards")
-    feats = np.concatenate([np.load(e) for e in args.embeddings])
+    feats = merge_embeddings(args.embeddings)
     if len(feats) != len(rows):
         raise ValueError(f"{len(feats)} embeddings for {len(rows)} particles in the shards")
     images = ShardSet(args.preprocessed)

@@ -9,12 +9,12 @@ import logging
 import time
 
 import numpy as np
-import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .align import PolarCache, PolarGrid, hard_em, soft_em
+from .align import PolarCache, PolarGrid, align_all, hard_em, soft_em
 from .backend import torch_device
 from .config import dataclass_from_dict
+from .data import RowView
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ class ClusterConfig:
     refine_restarts: int = 4
     refine_max_shift_px: int = 2
     refine_angles: int = 64
+    refine_subset: int = 20_000
+    assign_candidates: int = 0
+    cache_mb: int = 2000
+    batch_size: int = 512
 
     @classmethod
     def from_dict(cls, d):
@@ -61,26 +65,49 @@ class Clustering:
         return out
 
 
-def kmeans(features: np.ndarray, k: int, n_init: int, seed: int, minibatch_above: int):
-    """K-means++ on features (n, d); returns (labels, centroids (k, d))."""
-    if len(features) < k:
-        raise ValueError(f"{k} classes asked for but only {len(features)} particles")
-    if len(features) > minibatch_above:
-        km = MiniBatchKMeans(k, init="k-means++", n_init=n_init, random_state=seed, batch_size=4096)
-    else:
-        km = KMeans(k, init="k-means++", n_init=n_init, random_state=seed)
-    labels = km.fit_predict(features)
-    return labels.astype(np.int64), km.cluster_centers_.astype(np.float32)
-
-
-def centroid_distances(features, centroids, batch: int = 65536) -> np.ndarray:
-    """Euclidean distances (n, k), computed in batches."""
-    out = np.empty((len(features), len(centroids)), np.float32)
-    c2 = (centroids ** 2).sum(1)
-    for s in range(0, len(features), batch):
-        f = features[s:s + batch].astype(np.float32)
-        out[s:s + batch] = np.sqrt(np.maximum((f ** 2).sum(1)[:, None] + c2[None] - 2 * f @ centroids.T, 0))
+def merge_embeddings(paths, dtype=np.float16) -> np.ndarray:
+    """Per-shard features (n_i, d) .npy files → one (n, d) array in a compact dtype (float16:
+    1e7 particles x 128 features = 2.6 GB), one shard in memory at a time."""
+    shapes = [np.load(p, mmap_mode="r").shape for p in paths]
+    dims = {s[1:] for s in shapes}
+    if len(dims) > 1:
+        raise ValueError(f"embeddings have different feature sizes {sorted(dims)}: {[str(p) for p in paths]}")
+    out = np.empty((sum(s[0] for s in shapes), *(dims.pop() if dims else (0,))), dtype)
+    start = 0
+    for p, shape in zip(paths, shapes):
+        out[start:start + shape[0]] = np.load(p, mmap_mode="r")
+        start += shape[0]
     return out
+
+
+def kmeans(features: np.ndarray, k: int, n_init: int, seed: int, minibatch_above: int, chunk: int = 65536) -> np.ndarray:
+    """K-means++ centroids (k, d) float32 of features (n, d) (any float dtype). Up to
+    `minibatch_above` particles: scikit-learn's K-means on all of them. Above: mini-batch K-means
+    (k-means++ seeding, n_init tries) on a random sample of `minibatch_above` particles, then one
+    streamed mini-batch pass over all particles in shuffled chunks (memory: one chunk)."""
+    n = len(features)
+    if n < k:
+        raise ValueError(f"{k} classes asked for but only {n} particles")
+    if n <= minibatch_above:
+        km = KMeans(k, init="k-means++", n_init=n_init, random_state=seed)
+        km.fit(np.asarray(features, dtype=np.float32))
+        return km.cluster_centers_.astype(np.float32)
+    rng = np.random.default_rng([seed, 3])
+    sample = np.sort(rng.choice(n, minibatch_above, replace=False))
+    km = MiniBatchKMeans(k, init="k-means++", n_init=n_init, random_state=seed, batch_size=4096)
+    km.fit(np.asarray(features[sample], dtype=np.float32))
+    order = rng.permutation(n)
+    for s in range(0, n, chunk):
+        km.partial_fit(np.asarray(features[np.sort(order[s:s + chunk])], dtype=np.float32))
+    log.info("mini-batch K-means: fitted on %d sampled particles, then one streamed pass over %d", minibatch_above, n)
+    return km.cluster_centers_.astype(np.float32)
+
+
+def centroid_distances(features, centroids) -> np.ndarray:
+    """Euclidean distances (n, k) float32 of features (n, d) to centroids (k, d)."""
+    f = np.asarray(features, dtype=np.float32)
+    c2 = (centroids ** 2).sum(1)
+    return np.sqrt(np.maximum((f ** 2).sum(1)[:, None] + c2[None] - 2 * f @ centroids.T, 0))
 
 
 def nearest_centroids(dist: np.ndarray, m: int) -> np.ndarray:
@@ -91,33 +118,78 @@ def nearest_centroids(dist: np.ndarray, m: int) -> np.ndarray:
     return np.take_along_axis(part, order, 1)
 
 
+def assign(features, centroids, m: int, labels=None, chunk: int = 65536):
+    """Streamed assignment to centroids (k, d): per particle the nearest centroid (or the given
+    `labels`), its distance, the margin to the next-nearest other centroid and the m nearest
+    centroids (n, m). Memory: one chunk of (chunk, k) distances."""
+    n, k = len(features), len(centroids)
+    out_labels = np.empty(n, np.int64)
+    own, margin = np.empty(n, np.float32), np.empty(n, np.float32)
+    near = np.empty((n, min(m, k)), np.int64)
+    for s in range(0, n, chunk):
+        d = centroid_distances(features[s:s + chunk], centroids)
+        rows = np.arange(len(d))
+        lab = d.argmin(1) if labels is None else np.asarray(labels[s:s + chunk])
+        out_labels[s:s + chunk], own[s:s + chunk] = lab, d[rows, lab]
+        near[s:s + chunk] = nearest_centroids(d, m)
+        d[rows, lab] = np.inf
+        margin[s:s + chunk] = d.min(1) - own[s:s + chunk] if k > 1 else 0.0
+    return out_labels, own, margin, near
+
+
+def class_means(features, labels: np.ndarray, k: int, fallback: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Mean feature (k, d) float32 of each class's members (streamed); `fallback` rows for empty classes."""
+    sums = np.zeros((k, features.shape[1]), np.float64)
+    for s in range(0, len(features), chunk):
+        np.add.at(sums, labels[s:s + chunk], np.asarray(features[s:s + chunk], dtype=np.float64))
+    counts = np.bincount(labels, minlength=k)
+    out = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], fallback)
+    return out.astype(np.float32)
+
+
+def refine_subset_rows(n: int, subset: int, seed: int) -> np.ndarray:
+    """Sorted rows of the particles the refinement runs on: all, or a seeded random `subset`."""
+    if subset <= 0 or n <= subset:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 4]).choice(n, subset, replace=False))
+
+
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
             device: str = "auto") -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
     array-like are given) alignment-based refinement with restarts from K-means runs of
-    different seeds; the restart with the best mean NCC is kept (no labels are used)."""
+    different seeds; the restart with the best mean NCC is kept (no labels are used).
+
+    Above `cfg.refine_subset` particles the refinement runs on a seeded random subset of that
+    size, and every particle is then assigned, in one streamed alignment pass, to the refined
+    class references (all K of them, or its `cfg.assign_candidates` nearest classes in embedding
+    space): cost and memory of refinement fixed, of assignment linear in n."""
     t0 = time.time()
-    labels, cents = kmeans(features, k, cfg.n_init, seed, cfg.minibatch_above)
-    dist = centroid_distances(features, cents)
+    cents = kmeans(features, k, cfg.n_init, seed, cfg.minibatch_above)
+    labels, own, margin, near = assign(features, cents, cfg.candidates)
     timings = {"kmeans_s": time.time() - t0}
     log.info("K-means++ (%d initialisations) on %d x %d features: %.1f s", cfg.n_init, *features.shape, timings["kmeans_s"])
-    d_sorted = np.sort(dist, axis=1)
-    result = Clustering(labels.copy(), labels, d_sorted[:, 0], d_sorted[:, 1] - d_sorted[:, 0] if k > 1 else np.zeros(len(labels), np.float32), cents, timings=timings)
+    result = Clustering(labels.copy(), labels, own, margin, cents, timings=timings)
     if not cfg.refine or images is None or k == 1:
         return result
     t1 = time.time()
     box = images.shape[-1] if hasattr(images, "shape") else images.box
     pg = PolarGrid(box, n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
     tdev = torch_device(device)
-    cache = PolarCache(images, pg, tdev)
+    rows = refine_subset_rows(len(features), cfg.refine_subset, seed)
+    whole = len(rows) == len(features)
+    sub_images = images if whole else RowView(images, rows)
+    sub_feats = features if whole else np.asarray(features[rows])
+    if not whole:
+        log.info("refinement on a random subset of %d of %d particles", len(rows), len(features))
+    cache = PolarCache(sub_images, pg, tdev, batch_size=cfg.batch_size, max_bytes=cfg.cache_mb * 1e6)
     best = None
     for r in range(cfg.refine_restarts):
         if r == 0:
-            lab0, dist_r = labels, dist
+            lab0, cand = labels[rows], near[rows]
         else:
-            lab0, c_r = kmeans(features, k, 1, seed + 1000 * r, cfg.minibatch_above)
-            dist_r = centroid_distances(features, c_r)
-        cand = nearest_centroids(dist_r, cfg.candidates)
+            c_r = kmeans(sub_feats, k, 1, seed + 1000 * r, cfg.minibatch_above)
+            lab0, _, _, cand = assign(sub_feats, c_r, cfg.candidates)
         if cfg.refine_method == "soft":
             res = soft_em(cache, lab0, k, cand, cfg.refine_iterations, cfg.refine_anneal_iterations, seed=seed + r,
                           log=log.info, full_every=cfg.refine_full_every, top_m=cfg.candidates)
@@ -126,16 +198,21 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         log.info("refinement restart %d: mean NCC %.4f after %d iterations", r + 1, res.objective, len(res.history))
         if best is None or res.objective > best.objective:
             best = dataclasses.replace(res, restart=r)
-    a = best.alignment
-    result.labels = a.labels
-    # distances to the centroids of the final classes (mean feature of their members)
-    final = np.stack([features[a.labels == j].mean(0) if np.any(a.labels == j) else cents[j] for j in range(k)])
-    d = centroid_distances(features, final.astype(np.float32))
-    own = d[np.arange(len(d)), a.labels]
-    d[np.arange(len(d)), a.labels] = np.inf
-    result.distance, result.margin, result.centroids = own, d.min(1) - own, final.astype(np.float32)
-    result.angle_deg, result.shift_px, result.score = a.angle_deg, a.shift_px, a.score
-    result.objective = best.objective
+    del cache
     timings["refine_s"] = time.time() - t1
     log.info("refinement: best restart %d (mean NCC %.4f), %.1f s", best.restart + 1, best.objective, timings["refine_s"])
+    a = best.alignment
+    if not whole:
+        t2 = time.time()
+        sub_cents = class_means(sub_feats, a.labels, k, cents)
+        cand = None if cfg.assign_candidates <= 0 else assign(features, sub_cents, cfg.assign_candidates)[3]
+        all_cache = PolarCache(images, pg, tdev, batch_size=cfg.batch_size, max_bytes=0)  # streamed
+        a = align_all(all_cache, best.refs, cand, accumulate=False)[0]
+        timings["assign_s"] = time.time() - t2
+        log.info("assigned all %d particles to the refined classes: %.1f s", len(features), timings["assign_s"])
+    final = class_means(features, a.labels, k, cents)
+    _, own, margin, _ = assign(features, final, 1, labels=a.labels)
+    result.labels, result.distance, result.margin, result.centroids = a.labels, own, margin, final
+    result.angle_deg, result.shift_px, result.score = a.angle_deg, a.shift_px, a.score
+    result.objective = float(a.score.mean()) if not whole else best.objective
     return result

@@ -41,6 +41,21 @@ class ShardSet:
         return self.take(item)
 
 
+class RowView:
+    """A subset of an image array-like (NumPy array, memory map or ShardSet) seen as an array:
+    view[i] is images[rows[i]]; slicing reads only the rows it names."""
+
+    def __init__(self, images, rows):
+        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
+        self.box = images.shape[-1] if hasattr(images, "shape") else images.box
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item) -> np.ndarray:
+        return np.asarray(self.images[self.rows[item]], dtype=np.float32)
+
+
 class BatchPlan:
     """Which particles each training step sees: epochs of a seeded permutation (optionally of a
     random subset), cut into global batches; rank r of w takes the r-th of w equal parts.

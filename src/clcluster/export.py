@@ -71,6 +71,7 @@ class ExportConfig:
     cryosparc: bool = True
     tsne_max_points: int = 2000
     batch_size: int = 256
+    cache_mb: int = 1000
 
     @classmethod
     def from_dict(cls, d):
@@ -278,7 +279,8 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
     start = assignments.get("angle_deg") if cfg.start_from_cluster_pose else None
     poses = refine_class_poses(images, labels, k, start, assignments.get("shift_px") if start is not None else None,
                                iterations=cfg.align_iterations, n_angles=cfg.align_angles,
-                               max_shift_px=cfg.align_max_shift_px, device=device, seed=seed)
+                               max_shift_px=cfg.align_max_shift_px, device=device, seed=seed,
+                               batch_size=cfg.batch_size, cache_mb=cfg.cache_mb)
     psi, ox_A, oy_A = relion_pose(poses.angle_deg, poses.shift_px, work_apix)
 
     # 2. CTF-aware averages of the original images (working-box means as the fallback)

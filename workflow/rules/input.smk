@@ -46,6 +46,8 @@ rule check_particles:
         ),
     log:
         f"{R}/logs/check_particles.log",
+    benchmark:
+        f"{R}/benchmarks/check_particles.tsv"
     conda:
         ENV
     shell:
@@ -65,6 +67,8 @@ checkpoint shard_particles:
         root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
     log:
         f"{R}/logs/shard_particles.log",
+    benchmark:
+        f"{R}/benchmarks/shard_particles.tsv"
     conda:
         ENV
     shell:
