@@ -26,3 +26,35 @@ def test_hard_em_recovers_views_on_easy_data(easy_sim, preprocessed_easy):
     best = max((hard_em(cache, np.random.default_rng(r).integers(0, 4, len(preprocessed_easy)), 4, seed=r)
                 for r in range(3)), key=lambda r: r.objective)
     assert hungarian_accuracy(sim.truth["class"], best.alignment.labels) >= 0.9
+
+
+def test_split_merge_escapes_two_views_in_one_class():
+    """A converged EM state in which two views share one class while another view is held by
+    two classes: split-and-merge moves find the views again, and the objective never falls."""
+    from clcluster.align import soft_em, split_merge, split_merge_moves
+    from conftest import binned_easy_set
+
+    img, truth, _ = binned_easy_set(views=5, snr=0.3, seed=4, images_per_view=40)
+    cache = PolarCache(img, PolarGrid(32, max_shift=2))
+    start = truth.copy()
+    start[truth == 1] = 0  # views 0 and 1 merged
+    halves = np.flatnonzero(truth == 2)
+    start[halves[::2]] = 1  # view 2 split over classes 1 and 2
+    stuck = soft_em(cache, start, 5, None, max_iter=4, anneal_iterations=1, seed=0, c0=0.5,
+                    refs0=_aligned_refs(cache, start, 5))
+    assert hungarian_accuracy(truth, stuck.alignment.labels) < 0.9
+    moves = split_merge_moves(stuck.refs, stuck.alignment.labels, stuck.alignment.score, 5, trials=6)
+    assert moves and all(j != l for j, _, l in moves)
+    out = split_merge(cache, stuck, 5, None, trials=6, rounds=4, seed=0)
+    assert out.objective >= stuck.objective
+    assert hungarian_accuracy(truth, out.alignment.labels) >= 0.95
+
+
+def _aligned_refs(cache, labels, k):
+    """References from a partition through one hard-EM pass from the rotational class means."""
+    from clcluster.align import class_polar_means
+
+    refs = class_polar_means(cache, labels, k)
+    for _ in range(3):
+        _, refs, _ = align_all(cache, refs, labels[:, None])
+    return refs

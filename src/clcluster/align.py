@@ -241,7 +241,7 @@ def effective_samples(pg: PolarGrid) -> float:
 
 def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarray | None = None,
             max_iter: int = 20, anneal_iterations: int = 8, seed: int = 0, log=None,
-            full_every: int = 0, top_m: int = 3) -> RefineResult:
+            full_every: int = 0, top_m: int = 3, refs0: torch.Tensor | None = None, c0: float = 0.3) -> RefineResult:
     """Alignment-based EM with deterministic annealing, from a starting partition.
 
     Each particle's responsibility over its candidate classes, shifts and rotations is
@@ -254,13 +254,17 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
     candidates (n, m): the classes each particle is compared with (e.g. its m nearest centroids
     in embedding space); None compares with all K. With full_every = T > 0 every T-th pass
     compares with all K and each particle's `top_m` best-scoring classes from that pass join
-    its candidates until the next full pass (the cost of the other passes stays flat in K)."""
-    g = torch.Generator().manual_seed(seed)
-    refs = class_polar_means(cache, labels0, k)
-    refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+    its candidates until the next full pass (the cost of the other passes stays flat in K).
+    refs0 (K, R, A): start from these references instead of labels0's class means."""
+    if refs0 is None:
+        g = torch.Generator().manual_seed(seed)
+        refs = class_polar_means(cache, labels0, k)
+        refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+    else:
+        refs = refs0
     n_eff = effective_samples(cache.pg)
     log_prior = torch.full((k,), -np.log(k), device=cache.device)
-    labels, history, res, c = labels0.copy(), [], None, 0.3
+    labels, history, res, c = labels0.copy(), [], None, c0
     recent_top = None
     for it in range(max_iter):
         beta_full = c * n_eff / max(1 - c * c, 1e-3)
@@ -285,6 +289,89 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
         if it + 1 >= anneal_iterations and changed < 0.002:
             break
     return RefineResult(res, history[-1], history, 0, refs)
+
+
+def reference_similarity(refs: torch.Tensor) -> torch.Tensor:
+    """NCC (K, K) between polar references (K, R, A) at their best relative rotation."""
+    f = torch.fft.rfft(unit(refs), dim=-1)
+    corr = torch.fft.irfft(torch.einsum("irf,jrf->ijf", f, f.conj()), n=refs.shape[-1], dim=-1)
+    return corr.max(dim=-1).values
+
+
+def rotate_polar_to(ref: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`ref` (R, A) rolled along the angle to its best match with `target` (R, A)."""
+    corr = torch.fft.irfft((torch.fft.rfft(unit(target), dim=-1) * torch.fft.rfft(unit(ref), dim=-1).conj()).sum(0),
+                           n=ref.shape[-1], dim=-1)
+    return torch.roll(ref, int(corr.argmax()), dims=-1)
+
+
+def split_merge_moves(refs: torch.Tensor, labels: np.ndarray, score: np.ndarray, k: int, trials: int):
+    """Candidate moves (j, i, l): free class j (merging it into class i, or with i = -1 just
+    dropping it so that its members go where they fit) and use it to split class l. Classes to
+    free: the smaller of the most similar reference pairs, then the smallest classes; classes to
+    split: the worst-fitting (lowest mean NCC of members), then the largest."""
+    counts = np.bincount(labels, minlength=k)
+    fit = np.bincount(labels, weights=score, minlength=k) / np.maximum(counts, 1)
+    sim = reference_similarity(refs).cpu().numpy()
+    np.fill_diagonal(sim, -2.0)
+    free = []
+    for flat in np.argsort(-sim, axis=None)[: 2 * trials]:
+        a, b = divmod(int(flat), k)
+        j, i = (a, b) if counts[a] <= counts[b] else (b, a)
+        free.append((j, i))
+    free += [(int(j), -1) for j in np.argsort(counts)[:2]]
+    split = [int(c) for c in np.argsort(fit)[:2]] + [int(c) for c in np.argsort(-counts)[:2]]
+    moves, seen = [], set()
+    for rank in range(max(len(free), len(split))):
+        for (j, i) in free[: rank + 1]:
+            for l in split[: rank + 1]:
+                key = (j, i, l)
+                if l != j and counts[l] >= 4 and key not in seen:
+                    seen.add(key)
+                    moves.append(key)
+    return moves[:trials]
+
+
+def split_merge(cache: PolarCache, best: RefineResult, k: int, candidates: np.ndarray | None,
+                trials: int = 6, iterations: int = 6, rounds: int = 4, seed: int = 0, log=None) -> RefineResult:
+    """Split-and-merge moves (after Ueda et al., Neural Comput. 12 (2000), for EM) against the
+    local optima that EM from any start tends to reach: one view held by two classes (or a
+    class of scraps) while two other views share one class. A move frees one class (merged into
+    its most similar class, or dropped) and splits another into two (its reference plus and
+    minus a small random perturbation), then runs `iterations` EM passes at the full inverse
+    temperature from those references; it is kept only if the mean best NCC (the refinement's
+    objective) rises. Up to `trials` moves a round (`split_merge_moves`), `rounds` rounds."""
+    g = torch.Generator().manual_seed(seed + 77)
+    for rnd in range(rounds):
+        a, refs = best.alignment, best.refs
+        counts = np.bincount(a.labels, minlength=k)
+        improved = False
+        for j, i, l in split_merge_moves(refs, a.labels, a.score, k, trials):
+            new = refs.clone()
+            if i >= 0:
+                wi, wj = float(counts[i]), float(counts[j])
+                new[i] = (wi * refs[i] + wj * rotate_polar_to(refs[j], refs[i])) / max(wi + wj, 1.0)
+            delta = 0.1 * refs[l].std() * torch.randn(refs[l].shape, generator=g).to(refs.device)
+            new[l], new[j] = refs[l] + delta, refs[l] - delta
+            if candidates is None:
+                cand = None
+            else:
+                extra = np.broadcast_to(np.array([j, l] + ([i] if i >= 0 else [])), (len(a.labels), 3 if i >= 0 else 2))
+                cand = np.concatenate([a.labels[:, None], candidates, extra], axis=1)
+            trial = soft_em(cache, a.labels, k, cand, iterations, anneal_iterations=1, seed=seed, refs0=new,
+                            full_every=0, c0=best.objective)
+            kept = trial.objective > best.objective
+            if log:
+                what = f"merge {j + 1} into {i + 1}" if i >= 0 else f"drop {j + 1}"
+                log(f"  split/merge round {rnd + 1}: {what}, split {l + 1}: mean NCC {best.objective:.4f} -> "
+                    f"{trial.objective:.4f}{' (kept)' if kept else ''}")
+            if kept:
+                best = dataclasses.replace(trial, restart=best.restart, history=best.history + trial.history)
+                improved = True
+                break
+        if not improved:
+            break
+    return best
 
 
 def class_polar_means(cache: PolarCache, labels: np.ndarray, k: int) -> torch.Tensor:

@@ -75,8 +75,8 @@ def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
 
 def refine_from_random(images, k, run_cfg: dict, seed: int):
     """The same alignment refinement from random partitions, all K classes compared (no
-    embedding), restarts chosen by mean correlation."""
-    from .align import PolarCache, PolarGrid, hard_em, soft_em
+    embedding), restarts chosen by mean correlation, then the same split-and-merge moves."""
+    from .align import PolarCache, PolarGrid, hard_em, soft_em, split_merge
 
     cc = run_cfg["cluster"]
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc["refine_angles"], max_shift=cc["refine_max_shift_px"]))
@@ -89,6 +89,8 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
             res = hard_em(cache, lab0, k, None, cc["refine_iterations"], seed=seed + r)
         if best is None or res.objective > best.objective:
             best = res
+    if cc.get("refine_split_merge", 0) > 0:
+        best = split_merge(cache, best, k, None, trials=cc["refine_split_merge"], rounds=cc["refine_split_merge_rounds"], seed=seed)
     return best.alignment.labels
 
 

@@ -113,7 +113,8 @@ def cmd_embed(args) -> int:
     from .embed import embed_shard
 
     cfg = _config(args)
-    n = embed_shard(args.encoder, args.shard, args.out, cfg["embed"]["batch_size"], args.device or cfg["device"])
+    n = embed_shard(args.encoder, args.shard, args.out, cfg["embed"]["batch_size"], args.device or cfg["device"],
+                    threads=args.threads)
     log.info("embedded %d particles into %s", n, args.out)
     return 0
 
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", required=True, help="encoder .pt from train")
     s.add_argument("--shard", required=True, help="preprocessed .npy shard")
     s.add_argument("--out", required=True, help="output .npy (n, feature_dim) float32, L2-normalised")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = all this process may use)")
     _add_device(s)
     _add_config(s)
     s.set_defaults(func=cmd_embed)

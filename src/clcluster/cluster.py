@@ -11,7 +11,7 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .align import PolarCache, PolarGrid, align_all, hard_em, soft_em
+from .align import PolarCache, PolarGrid, align_all, hard_em, soft_em, split_merge
 from .backend import torch_device
 from .config import dataclass_from_dict
 from .data import RowView
@@ -32,6 +32,8 @@ class ClusterConfig:
     refine_anneal_iterations: int = 8
     refine_full_every: int = 4
     refine_restarts: int = 4
+    refine_split_merge: int = 6
+    refine_split_merge_rounds: int = 4
     refine_max_shift_px: int = 2
     refine_angles: int = 64
     refine_subset: int = 20_000
@@ -158,7 +160,8 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
             device: str = "auto") -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
     array-like are given) alignment-based refinement with restarts from K-means runs of
-    different seeds; the restart with the best mean NCC is kept (no labels are used).
+    different seeds; the restart with the best mean NCC is kept (no labels are used), then
+    split-and-merge moves are tried on it (`align.split_merge`), each kept only if the mean NCC rises.
 
     Above `cfg.refine_subset` particles the refinement runs on a seeded random subset of that
     size, and every particle is then assigned, in one streamed alignment pass, to the refined
@@ -197,10 +200,14 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
             res = hard_em(cache, lab0, k, cand, cfg.refine_iterations, seed=seed + r, log=log.info)
         log.info("refinement restart %d: mean NCC %.4f after %d iterations", r + 1, res.objective, len(res.history))
         if best is None or res.objective > best.objective:
-            best = dataclasses.replace(res, restart=r)
+            best, best_cand = dataclasses.replace(res, restart=r), cand
+    log.info("refinement: best restart %d (mean NCC %.4f)", best.restart + 1, best.objective)
+    if cfg.refine_split_merge > 0:
+        best = split_merge(cache, best, k, best_cand, trials=cfg.refine_split_merge, rounds=cfg.refine_split_merge_rounds,
+                           seed=seed, log=log.info)
     del cache
     timings["refine_s"] = time.time() - t1
-    log.info("refinement: best restart %d (mean NCC %.4f), %.1f s", best.restart + 1, best.objective, timings["refine_s"])
+    log.info("refinement: mean NCC %.4f, %.1f s", best.objective, timings["refine_s"])
     a = best.alignment
     if not whole:
         t2 = time.time()

@@ -38,7 +38,7 @@ rule embed_shard:
     conda:
         ENV
     shell:
-        "clcluster embed --encoder {input.encoder:q} --shard {input.images:q} --out {output:q} "
+        "clcluster embed --encoder {input.encoder:q} --shard {input.images:q} --out {output:q} --threads {threads} "
         "--config {input.config:q} > {log:q} 2>&1"
 
 
