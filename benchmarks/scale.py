@@ -8,10 +8,12 @@ and peak resident memory of every step, the fitted time per particle, and an ext
 
 Each run is the real Snakemake workflow (`snakemake --cores C`) on the demo simulator's data
 (10 views of builtin:0, SNR 0.05, `--images-per-view` = N / 10) with this repo's default config
-except: `shard.size` (--shard-size, default 10000), a fixed training budget (the default
+except: `shard.size` (--shard-size, default 10000), `cluster.refine_subset` (--refine-subset,
+default 5000, so that every size has the streamed alignment of all particles), a fixed training budget (the default
 `train.steps` x `train.batch_size`, whatever N is) and the results folder. The figures come from
 the `benchmark:` files Snakemake writes for every job (`{results}/benchmarks/**.tsv`: wall
-seconds `s` and peak resident memory `max_rss` in MB, sampled by Snakemake). For the per-shard
+seconds `s` and peak resident memory `max_rss` in MB, sampled by Snakemake), and the cluster
+step's parts (K-means, refinement on the subset, alignment of all particles) from its log. For the per-shard
 steps (preprocess, embed) the time is the sum over that step's jobs (job-seconds: the wall time
 one core-pair would need; with --cores 2 two jobs may overlap) and the memory the largest of any
 job. Peak RSS includes the page cache of memory-mapped files the job touched.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,17 +42,18 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = ("simulate_demo", "check_particles", "shard_particles", "preprocess_shard", "train_encoder",
          "embed_shard", "cluster_embeddings", "export_classes")
 PER_SHARD = {"preprocess_shard", "embed_shard"}
-FIXED = {"train_encoder"}  # a fixed budget by design: extrapolated as the mean of the runs
+FIXED = {"train_encoder", "cluster: refinement (subset)"}  # fixed by design: extrapolated as the mean of the runs
 
 
-def run_config(n: int, box: int, shard_size: int, results: Path) -> dict:
-    """The default config with the scale run's data size, shard size and results folder."""
+def run_config(n: int, box: int, shard_size: int, results: Path, refine_subset: int) -> dict:
+    """The default config with the scale run's data size, shard size, refinement subset and results folder."""
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     if n % 10:
         raise SystemExit(f"N must be a multiple of 10 views, got {n}")
     cfg["results"] = str(results)
     cfg["simulate"].update(views=10, images_per_view=n // 10, box=box)
     cfg["shard"]["size"] = shard_size
+    cfg["cluster"]["refine_subset"] = refine_subset
     return cfg
 
 
@@ -58,7 +62,7 @@ def run_workflow(n: int, box: int, args) -> Path:
     results = Path(args.work) / f"n{n}_box{box}"
     results.mkdir(parents=True, exist_ok=True)
     cfg_file = results.parent / f"n{n}_box{box}.yaml"
-    cfg_file.write_text(yaml.safe_dump(run_config(n, box, args.shard_size, results), sort_keys=False))
+    cfg_file.write_text(yaml.safe_dump(run_config(n, box, args.shard_size, results, args.refine_subset), sort_keys=False))
     if (results / "score.json").exists() and not args.force:
         print(f"[scale] N={n} box={box}: finished earlier, re-reading {results}", flush=True)
         return results
@@ -89,6 +93,23 @@ def read_benchmarks(results: Path) -> dict:
     return out
 
 
+CLUSTER_PARTS = (("cluster: K-means++ + assignment", re.compile(r"K-means\+\+ .* features: ([0-9.]+) s")),
+                 ("cluster: refinement (subset)", re.compile(r"refinement: mean NCC [0-9.]+, ([0-9.]+) s")),
+                 ("cluster: alignment of all", re.compile(r"assigned all \d+ particles to the refined classes: ([0-9.]+) s")))
+
+
+def cluster_parts(results: Path) -> dict:
+    """Seconds of the cluster step's parts, from its log."""
+    log = results / "logs" / "cluster_embeddings.log"
+    text = log.read_text() if log.exists() else ""
+    out = {}
+    for name, pattern in CLUSTER_PARTS:
+        m = pattern.search(text)
+        if m:
+            out[name] = float(m.group(1))
+    return out
+
+
 def fit_growth(ns, seconds):
     """Least-squares a + b N (a >= 0 not enforced) over the runs; returns (a seconds, b seconds per particle)."""
     ns, seconds = np.asarray(ns, float), np.asarray(seconds, float)
@@ -107,11 +128,14 @@ def report(runs, args) -> str:
         bench = read_benchmarks(results)
         score = json.loads((results / "score.json").read_text()) if (results / "score.json").exists() else {}
         wall = (results / "wall_seconds.txt").read_text().strip() if (results / "wall_seconds.txt").exists() else "?"
+        for part, secs in cluster_parts(results).items():
+            bench[part] = {"jobs": "", "seconds": secs, "max_rss_mb": np.nan}
         measured[(n, box)] = bench
         for step, b in bench.items():
             rows.append({"N": n, "box": box, "step": step, "jobs": b["jobs"], "seconds": round(b["seconds"], 1),
                          "images_per_s": round(n / b["seconds"], 1) if b["seconds"] > 0 else "",
-                         "ms_per_particle": round(1000 * b["seconds"] / n, 3), "peak_rss_mb": round(b["max_rss_mb"])})
+                         "ms_per_particle": round(1000 * b["seconds"] / n, 3),
+                         "peak_rss_mb": "" if np.isnan(b["max_rss_mb"]) else round(b["max_rss_mb"])})
         rows.append({"N": n, "box": box, "step": "whole run (wall)", "jobs": "", "seconds": wall, "images_per_s": "",
                      "ms_per_particle": "", "peak_rss_mb": "",
                      "accuracy": score.get("accuracy", ""), "alignment_free": score.get("kmeans_accuracy", "")})
@@ -135,7 +159,7 @@ def report(runs, args) -> str:
                "| step | a (s) | b (ms/particle) | time per particle, smallest → largest N (ms) | 10^6 particles | 10^7 particles |",
                "|---|---|---|---|---|---|"]
         total = {1e6: 0.0, 1e7: 0.0}
-        for step in STEPS:
+        for step in STEPS + tuple(name for name, _ in CLUSTER_PARTS):
             secs = [measured[(n, 64)][step]["seconds"] for n in box64 if step in measured[(n, 64)]]
             if len(secs) != len(box64):
                 continue
@@ -146,7 +170,7 @@ def report(runs, args) -> str:
             par = args.parallel_jobs if step in PER_SHARD else 1
             ext = {big: (max(a, 0) + b * big) / par for big in total}
             for big in total:
-                total[big] += ext[big] if step != "simulate_demo" else 0.0
+                total[big] += ext[big] if step in STEPS and step != "simulate_demo" else 0.0
             md.append(f"| {step} | {a:.1f} | {1000 * b:.3f} | {' → '.join(f'{p:.3f}' for p in per)} | "
                       f"{_hours(ext[1e6])} | {_hours(ext[1e7])} |")
         md.append(f"| all steps but simulate (sum) | | | | {_hours(total[1e6])} | {_hours(total[1e7])} |")
@@ -164,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", default=["10000:64", "30000:64", "100000:64", "10000:128"],
                    help="N:box pairs (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=10000, help="particles per shard (default %(default)s)")
+    p.add_argument("--refine-subset", type=int, default=5000,
+                   help="cluster.refine_subset: particles the refinement runs on, the rest aligned once (default %(default)s)")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--parallel-jobs", type=int, default=20,
                    help="simultaneous per-shard jobs assumed in the extrapolation (default %(default)s)")
