@@ -4,7 +4,8 @@ import pytest
 
 from clcluster.imageops import rotate
 from clcluster.metrics import hungarian_accuracy
-from clcluster.ml2d import PolarScanner, ml2d
+from clcluster.align import PolarScanner
+from clcluster.ml2d import ml2d
 from conftest import binned_easy_set
 
 

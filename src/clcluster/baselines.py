@@ -15,7 +15,7 @@ from sklearn.decomposition import PCA
 from .imageops import polar_resample
 # The rotation/shift scan is shared with ML2D (one implementation); it belongs in a layer-2
 # `align` module once that exists, so that this step no longer imports another step.
-from .ml2d import PolarScanner
+from .align import PolarScanner
 
 __all__ = ["pca_kmeans", "invariant_features", "invariant_kmeans", "oracle_labels"]
 

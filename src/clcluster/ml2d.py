@@ -18,8 +18,7 @@ complex matrix product. The references live in that polar representation (area w
 rho * d_rho * d_theta make the inner products approximate the Cartesian ones over the disc);
 ||x_i||^2 over the whole box is exact. EM is exact for this discretised model, so the
 log-likelihood never decreases. Cartesian references are interpolated from the polar ones at
-the end. The same machinery (`PolarScanner`) does the rotation/shift scan of the oracle
-baseline (see `baselines.oracle_labels`).
+the end. That machinery is `align.PolarScanner` (the oracle baseline uses it too).
 
 Conventions as in `imageops`: angles in degrees counter-clockwise, shifts (dx, dy) in pixels;
 for particle i with class k, `imageops.rotate(references[k][None], rotation_deg[i], shift[i])`
@@ -32,154 +31,11 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
-__all__ = ["ML2DResult", "PolarScanner", "ml2d"]
+from .align import PolarScanner
 
-
-# ---------------------------------------------------------------------------------------------
-# rotation / shift scan in polar coordinates (shared with baselines.oracle_labels)
-class PolarScanner:
-    """Polar resampling of images about S integer-shifted centres, and correlation with
-    references over all n_rotations in-plane rotations at once.
-
-    box: image side D (px). n_rotations: angle samples = rotation steps (360/n_rotations deg).
-    max_shift: shifts (dx, dy) are the integer points with |t| <= max_shift px (a disc).
-    r_max: disc radius (px) used around each centre; default D//2 - 1 - ceil(max_shift), so
-    that shifted discs stay inside the box. n_radii: radial samples (midpoint rule, default
-    spacing <= 0.75 px).
-
-    Layouts: an image batch's polar spectrum is (M, b*S, n_radii) complex (M = n_rotations//2+1
-    angular frequencies, row b*S + s for image b at shift s); references are (M, K, n_radii);
-    correlations are (n_rotations, b*S, K) with
-    C[r, b*S+s, k] = sum_rho w_rho sum_theta P_bs(rho, theta) Q_k(rho, theta - r),
-    i.e. <x_b, T_{t_s} Rot_{phi_r} Q_k> with phi_r = -360 r / n_rotations degrees.
-    """
-
-    def __init__(self, box: int, n_rotations: int = 64, max_shift: float = 3, r_max: float | None = None,
-                 n_radii: int | None = None, device="cpu"):
-        self.box, self.n_rot = int(box), int(n_rotations)
-        self.device = torch.device(device)
-        self.max_shift = float(max_shift)
-        r_max = box // 2 - 1 - math.ceil(max_shift) if r_max is None else float(r_max)
-        if r_max <= 1 or r_max + max_shift > box // 2:
-            raise ValueError(f"r_max {r_max} px with max_shift {max_shift} px does not fit a {box} px box")
-        self.r_max = float(r_max)
-        self.n_radii = int(n_radii or math.ceil(self.r_max / 0.75))
-        dr = self.r_max / self.n_radii
-        self.radii = (torch.arange(self.n_radii, dtype=torch.float64) + 0.5) * dr
-        self.weights = (self.radii * dr * (2 * math.pi / self.n_rot)).to(torch.float32).to(self.device)  # (Nr,)
-        m = int(math.floor(self.max_shift))
-        sh = [(dx, dy) for dy in range(-m, m + 1) for dx in range(-m, m + 1) if dx * dx + dy * dy <= self.max_shift ** 2 + 1e-6]
-        self.shifts = np.asarray(sh, dtype=np.float32).reshape(-1, 2)  # (S, 2) = (dx, dy) px
-        self.n_shifts = len(self.shifts)
-        theta = torch.arange(self.n_rot, dtype=torch.float64) * (2 * math.pi / self.n_rot)
-        c = box // 2
-        xs = c + torch.from_numpy(self.shifts[:, 0]).double()[:, None, None] + self.radii[None, :, None] * torch.cos(theta)
-        ys = c + torch.from_numpy(self.shifts[:, 1]).double()[:, None, None] + self.radii[None, :, None] * torch.sin(theta)
-        grid = torch.stack([xs, ys], dim=-1) * (2.0 / (box - 1)) - 1.0  # (S, Nr, Na, 2), align_corners=True
-        self.grid = grid.reshape(1, self.n_shifts * self.n_radii, self.n_rot, 2).to(torch.float32).to(self.device)
-        self.n_freq = self.n_rot // 2 + 1
-
-    # -- images ---------------------------------------------------------------------------
-    def polar(self, images: torch.Tensor, centred_only: bool = False) -> torch.Tensor:
-        """Polar samples (b, S, Nr, Na) of images (b, D, D) (bilinear), or (b, 1, Nr, Na) about the centre only."""
-        b = images.shape[0]
-        s = 1 if centred_only else self.n_shifts
-        grid = self.grid
-        if centred_only:
-            s0 = int(np.flatnonzero((self.shifts == 0).all(1))[0])
-            grid = grid[:, s0 * self.n_radii:(s0 + 1) * self.n_radii]
-        out = F.grid_sample(images[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return out.reshape(b, s, self.n_radii, self.n_rot)
-
-    def spectrum(self, polar: torch.Tensor) -> torch.Tensor:
-        """Angular spectrum (M, b*S, Nr) complex of polar samples (b, S, Nr, Na)."""
-        b, s, nr, na = polar.shape
-        f = torch.fft.rfft(polar, dim=-1)  # (b, S, Nr, M)
-        return f.permute(3, 0, 1, 2).reshape(self.n_freq, b * s, nr).contiguous()
-
-    def transform(self, images) -> torch.Tensor:
-        """(M, b*S, Nr) angular spectra of images (b, D, D) at every shift."""
-        return self.spectrum(self.polar(torch.as_tensor(images, device=self.device)))
-
-    # -- references -----------------------------------------------------------------------
-    def reference_spectrum(self, references) -> torch.Tensor:
-        """(M, K, Nr) angular spectra of Cartesian references (K, D, D), about the centre."""
-        p = self.polar(torch.as_tensor(references, device=self.device), centred_only=True)
-        return self.spectrum(p)
-
-    def weighted_conj(self, ref_spec: torch.Tensor) -> torch.Tensor:
-        """Real matrix (M, 2*Nr, 2*K) that maps an image spectrum row (real/imag interleaved) to
-        sum_rho w_rho P_hat(rho, m) conj(Q_hat_k(rho, m)) (interleaved); input to `correlate`."""
-        wq = ref_spec.conj() * self.weights[None, None, :]  # (M, K, Nr)
-        m, k, nr = wq.shape
-        wr, wi = wq.real.transpose(1, 2), wq.imag.transpose(1, 2)  # (M, Nr, K)
-        w = torch.empty(m, nr, 2, k, 2, dtype=wr.dtype, device=wr.device)
-        w[:, :, 0, :, 0], w[:, :, 1, :, 0] = wr, -wi
-        w[:, :, 0, :, 1], w[:, :, 1, :, 1] = wi, wr
-        return w.reshape(m, 2 * nr, 2 * k)
-
-    def correlate(self, img_spec: torch.Tensor, ref_w: torch.Tensor) -> torch.Tensor:
-        """Correlations (Na, b*S, K) of image spectra (M, b*S, Nr) with references given as
-        `weighted_conj(...)`, over all rotations (complex products as real matrix products)."""
-        m, rows, nr = img_spec.shape
-        z = torch.bmm(torch.view_as_real(img_spec).reshape(m, rows, 2 * nr), ref_w)
-        z = torch.view_as_complex(z.view(m, rows, -1, 2))
-        return torch.fft.irfft(z, n=self.n_rot, dim=0)
-
-    def back_project(self, weights: torch.Tensor, img_spec: torch.Tensor) -> torch.Tensor:
-        """sum over rows of the images brought back to the reference frame, weighted per rotation:
-        weights (Na, b*S, K) real, image spectra (M, b*S, Nr) -> (M, K, Nr) spectra of
-        sum_{rows, r} weights[r, row, k] P_row(rho, theta + r)."""
-        m, rows, nr = img_spec.shape
-        gh = torch.view_as_real(torch.fft.rfft(weights, dim=0)).reshape(m, rows, -1)  # (M, rows, 2K)
-        r = torch.bmm(gh.transpose(1, 2), torch.view_as_real(img_spec).reshape(m, rows, 2 * nr))
-        r = r.view(m, -1, 2, nr, 2)  # [m, k, re/im of gamma_hat, rho, re/im of P_hat]
-        return torch.complex(r[:, :, 0, :, 0] + r[:, :, 1, :, 1], r[:, :, 0, :, 1] - r[:, :, 1, :, 0])
-
-    def polar_from_spectrum(self, spec: torch.Tensor) -> torch.Tensor:
-        """Real polar samples (K, Nr, Na) from spectra (M, K, Nr)."""
-        return torch.fft.irfft(spec, n=self.n_rot, dim=0).permute(1, 2, 0)
-
-    def weighted_norm2(self, spec: torch.Tensor) -> torch.Tensor:
-        """sum_rho w_rho sum_theta Q(rho, theta)^2 for spectra (M, K, Nr) -> (K,)."""
-        p = self.polar_from_spectrum(spec)
-        return (p.pow(2).sum(-1) * self.weights).sum(-1)
-
-    def to_cartesian(self, spec: torch.Tensor) -> np.ndarray:
-        """Cartesian images (K, D, D) interpolated from polar references (M, K, Nr); 0 outside r_max."""
-        p = self.polar_from_spectrum(spec).float()  # (K, Nr, Na)
-        p = torch.cat([p, p[..., :1]], dim=-1)[:, None]  # wrap in angle: (K, 1, Nr, Na+1)
-        c = self.box // 2
-        g = torch.arange(self.box, dtype=torch.float64, device=self.device) - c
-        y, x = torch.meshgrid(g, g, indexing="ij")
-        rho = torch.sqrt(x * x + y * y)
-        theta = torch.remainder(torch.atan2(y, x), 2 * math.pi)
-        dr = self.r_max / self.n_radii
-        ri = (rho / dr - 0.5).clamp(0, self.n_radii - 1)
-        ti = theta / (2 * math.pi / self.n_rot)
-        grid = torch.stack([ti * (2.0 / self.n_rot) - 1, ri * (2.0 / max(self.n_radii - 1, 1)) - 1], dim=-1)
-        grid = grid[None].expand(p.shape[0], -1, -1, -1).float()
-        out = F.grid_sample(p, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
-        out = out * (rho <= self.r_max + 0.5 * dr).float()
-        return out.cpu().numpy().astype(np.float32)
-
-    # -- poses ----------------------------------------------------------------------------
-    def rotation_deg(self, r_index) -> np.ndarray:
-        """Rotation (degrees, imageops convention) of reference->image for rotation indices."""
-        return np.mod(-360.0 * np.asarray(r_index, dtype=np.float64) / self.n_rot, 360.0)
-
-    def shift_px(self, s_index) -> np.ndarray:
-        """(dx, dy) px of shift indices, (n, 2)."""
-        return self.shifts[np.asarray(s_index)]
-
-    def batches(self, n: int, k: int, batch_size: int | None, budget: float = 4e6):
-        """Slices over n images, sized so that one batch's score array (Na*b*S*K) stays near `budget`."""
-        if batch_size is None:
-            batch_size = max(1, int(budget // (self.n_rot * self.n_shifts * max(k, 1))))
-        return [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+__all__ = ["ML2DResult", "ml2d"]
 
 
 # ---------------------------------------------------------------------------------------------
