@@ -308,28 +308,42 @@ def rotate_polar_to(ref: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def split_merge_moves(refs: torch.Tensor, labels: np.ndarray, score: np.ndarray, k: int, trials: int):
     """Candidate moves (j, i, l): free class j (merging it into class i, or with i = -1 just
     dropping it so that its members go where they fit) and use it to split class l. Classes to
-    free: the smaller of the most similar reference pairs, then the smallest classes; classes to
-    split: the worst-fitting (lowest mean NCC of members), then the largest."""
+    free, alternately: the smaller of the next most similar pair of references, the next
+    smallest class; classes to split, alternately: the next largest, the next worst-fitting
+    (lowest mean NCC of its members). Moves are listed best candidates first."""
     counts = np.bincount(labels, minlength=k)
     fit = np.bincount(labels, weights=score, minlength=k) / np.maximum(counts, 1)
     sim = reference_similarity(refs).cpu().numpy()
     np.fill_diagonal(sim, -2.0)
-    free = []
-    for flat in np.argsort(-sim, axis=None)[: 2 * trials]:
+    pairs = []
+    for flat in np.argsort(-sim, axis=None):
         a, b = divmod(int(flat), k)
-        j, i = (a, b) if counts[a] <= counts[b] else (b, a)
-        free.append((j, i))
-    free += [(int(j), -1) for j in np.argsort(counts)[:2]]
-    split = [int(c) for c in np.argsort(fit)[:2]] + [int(c) for c in np.argsort(-counts)[:2]]
+        if a < b:
+            pairs.append((a, b) if counts[a] <= counts[b] else (b, a))
+    smallest = [(int(j), -1) for j in np.argsort(counts, kind="stable")]
+    free = _interleave(pairs, smallest)
+    split = _interleave([int(c) for c in np.argsort(-counts, kind="stable")], [int(c) for c in np.argsort(fit, kind="stable")])
     moves, seen = [], set()
-    for rank in range(max(len(free), len(split))):
-        for (j, i) in free[: rank + 1]:
+    for rank in range(len(free)):
+        for j, i in free[: rank + 1]:
             for l in split[: rank + 1]:
                 key = (j, i, l)
                 if l != j and counts[l] >= 4 and key not in seen:
                     seen.add(key)
                     moves.append(key)
+        if len(moves) >= trials:
+            break
     return moves[:trials]
+
+
+def _interleave(a: list, b: list) -> list:
+    """a0, b0, a1, b1, ... without repeats."""
+    out = []
+    for pair in zip(a, b):
+        for x in pair:
+            if x not in out:
+                out.append(x)
+    return out
 
 
 def split_merge(cache: PolarCache, best: RefineResult, k: int, candidates: np.ndarray | None,
