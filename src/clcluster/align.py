@@ -370,8 +370,8 @@ def split_merge(cache: PolarCache, best: RefineResult, k: int, candidates: np.nd
             if candidates is None:
                 cand = None
             else:
-                extra = np.broadcast_to(np.array([j, l] + ([i] if i >= 0 else [])), (len(a.labels), 3 if i >= 0 else 2))
-                cand = np.concatenate([a.labels[:, None], candidates, extra], axis=1)
+                extra = np.array([j, l] + ([i] if i >= 0 else []))
+                cand = np.concatenate([a.labels[:, None], candidates, np.broadcast_to(extra, (len(a.labels), len(extra)))], axis=1)
             trial = soft_em(cache, a.labels, k, cand, iterations, anneal_iterations=1, seed=seed, refs0=new,
                             full_every=0, c0=best.objective)
             kept = trial.objective > best.objective

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def aligned_means(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, batch: int = 1024) -> np.ndarray:
     """Plain class means (k, box, box) of images (n, box, box) (array-like, read in batches),
     each particle brought into its class frame first when a pose is given."""
-    box = images.shape[-1] if hasattr(images, "shape") else images.box
+    box = images.shape[-1]
     labels = np.asarray(labels)
     sums = np.zeros((k, box, box), np.float64)
     for s in range(0, len(labels), batch):
@@ -68,7 +68,7 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     the averages from the aligned particles. The particles' polar transforms are kept in memory
     up to cache_mb MB, else recomputed each iteration (memory: one batch)."""
     labels = np.asarray(labels, dtype=np.int64)
-    box = images.shape[-1] if hasattr(images, "shape") else images.box
+    box = images.shape[-1]
     pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
     cache = PolarCache(images, pg, device=device, batch_size=batch_size, max_bytes=cache_mb * 1e6)
     centre = int(np.argmin(np.abs(pg.offsets).sum(1)))

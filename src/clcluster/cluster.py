@@ -14,7 +14,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from .align import PolarCache, PolarGrid, align_all, hard_em, soft_em, split_merge
 from .backend import torch_device
 from .config import dataclass_from_dict
-from .data import RowView
+from .data import RowView, random_rows
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,6 @@ def class_means(features, labels: np.ndarray, k: int, fallback: np.ndarray, chun
     return out.astype(np.float32)
 
 
-def refine_subset_rows(n: int, subset: int, seed: int) -> np.ndarray:
-    """Sorted rows of the particles the refinement runs on: all, or a seeded random `subset`."""
-    if subset <= 0 or n <= subset:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, 4]).choice(n, subset, replace=False))
-
-
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
             device: str = "auto") -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
@@ -176,10 +169,9 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     if not cfg.refine or images is None or k == 1:
         return result
     t1 = time.time()
-    box = images.shape[-1] if hasattr(images, "shape") else images.box
-    pg = PolarGrid(box, n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
+    pg = PolarGrid(images.shape[-1], n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
     tdev = torch_device(device)
-    rows = refine_subset_rows(len(features), cfg.refine_subset, seed)
+    rows = random_rows(len(features), cfg.refine_subset, [seed, 4])
     whole = len(rows) == len(features)
     sub_images = images if whole else RowView(images, rows)
     sub_feats = features if whole else np.asarray(features[rows])

@@ -23,6 +23,11 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def shape(self) -> tuple:
+        """(n, box, box), as for a NumPy stack."""
+        return (len(self), self.box, self.box)
+
     def take(self, indices) -> np.ndarray:
         """float32 images for global particle indices (any order), reading each shard once."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -41,16 +46,27 @@ class ShardSet:
         return self.take(item)
 
 
+def random_rows(n: int, size: int, key) -> np.ndarray:
+    """Sorted rows of a seeded random subset of `size` of n particles (all n when size <= 0 or
+    size >= n); `key` seeds NumPy's generator, e.g. [seed, stream]."""
+    if size <= 0 or n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(key).choice(n, size, replace=False))
+
+
 class RowView:
     """A subset of an image array-like (NumPy array, memory map or ShardSet) seen as an array:
     view[i] is images[rows[i]]; slicing reads only the rows it names."""
 
     def __init__(self, images, rows):
         self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
-        self.box = images.shape[-1] if hasattr(images, "shape") else images.box
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows), *self.images.shape[1:])
 
     def __getitem__(self, item) -> np.ndarray:
         return np.asarray(self.images[self.rows[item]], dtype=np.float32)
@@ -65,11 +81,8 @@ class BatchPlan:
         if batch_size % world:
             raise ValueError(f"global batch {batch_size} is not divisible by {world} ranks")
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        pool = np.arange(n)
-        if subset and subset < n:
-            pool = np.sort(np.random.default_rng([seed, 1]).choice(n, subset, replace=False))
-        self.pool = pool
-        self.steps_per_epoch = max(1, len(pool) // batch_size)
+        self.pool = random_rows(n, subset or 0, [seed, 1])
+        self.steps_per_epoch = max(1, len(self.pool) // batch_size)
         self._epoch, self._perm = None, None
 
     def batch(self, step: int) -> np.ndarray:
