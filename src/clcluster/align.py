@@ -442,6 +442,12 @@ def hard_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
     return RefineResult(res, history[-1], history, 0, refs)
 
 
+def polar_references(refs, pg: PolarGrid, device="cpu") -> torch.Tensor:
+    """Polar references (K, R, A) of Cartesian images (K, D, D) about the box centre."""
+    refs = np.asarray(refs, dtype=np.float32)
+    return class_polar_means(PolarCache(refs, pg, device), np.arange(len(refs)), len(refs))
+
+
 def class_polar_means_subset(cache: PolarCache, rows: np.ndarray) -> torch.Tensor:
     """Polar mean (R, A) of a few particles at the centre offset."""
     lab = np.full(len(cache), 1, dtype=np.int64)

@@ -75,8 +75,10 @@ def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
 
 def refine_from_random(images, k, run_cfg: dict, seed: int):
     """The same alignment refinement from random partitions, all K classes compared (no
-    embedding), restarts chosen by mean correlation, then the same split-and-merge moves."""
+    embedding), restarts chosen by mean correlation, then the same split-and-merge moves and
+    maximum-likelihood iterations."""
     from .align import PolarCache, PolarGrid, hard_em, soft_em, split_merge
+    from .cluster import ClusterConfig, likelihood_polish
 
     cc = run_cfg["cluster"]
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc["refine_angles"], max_shift=cc["refine_max_shift_px"]))
@@ -91,6 +93,8 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
             best = res
     if cc.get("refine_split_merge", 0) > 0:
         best = split_merge(cache, best, k, None, trials=cc["refine_split_merge"], rounds=cc["refine_split_merge_rounds"], seed=seed)
+    if cc.get("refine_ml_iterations", 0) > 0:
+        return likelihood_polish(images, best.alignment, k, ClusterConfig.from_dict(cc), seed).labels
     return best.alignment.labels
 
 

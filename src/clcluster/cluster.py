@@ -11,10 +11,11 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .align import PolarCache, PolarGrid, align_all, hard_em, soft_em, split_merge
+from .align import Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_references, soft_em, split_merge
 from .backend import torch_device
 from .config import dataclass_from_dict
 from .data import RowView, random_rows
+from .ml2d import ML2DResult, polish
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class ClusterConfig:
     refine_restarts: int = 4
     refine_split_merge: int = 6
     refine_split_merge_rounds: int = 4
+    refine_ml_iterations: int = 20
+    refine_ml_max_shift_px: int = 3
     refine_max_shift_px: int = 2
     refine_angles: int = 64
     refine_subset: int = 20_000
@@ -149,6 +152,12 @@ def class_means(features, labels: np.ndarray, k: int, fallback: np.ndarray, chun
     return out.astype(np.float32)
 
 
+def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: int = 0, device="cpu") -> ML2DResult:
+    """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it."""
+    return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=cfg.refine_ml_iterations,
+                  n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device)
+
+
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
             device: str = "auto") -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
@@ -197,21 +206,28 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     if cfg.refine_split_merge > 0:
         best = split_merge(cache, best, k, best_cand, trials=cfg.refine_split_merge, rounds=cfg.refine_split_merge_rounds,
                            seed=seed, log=log.info)
+    a, refs = best.alignment, best.refs
+    if cfg.refine_ml_iterations > 0:
+        t_ml = time.time()
+        ml = likelihood_polish(sub_images, a, k, cfg, seed, tdev)
+        log.info("ML2D from the refined classes: log-likelihood %.1f after %d iterations, %.1f%% labels changed, %.1f s",
+                 ml.log_likelihood, ml.n_iter, 100 * float((ml.labels != a.labels).mean()), time.time() - t_ml)
+        # labels from the likelihood; poses, scores and references in the refinement's polar frame
+        a, refs, _ = align_all(cache, polar_references(ml.references, pg, tdev), ml.labels[:, None])
     del cache
     timings["refine_s"] = time.time() - t1
-    log.info("refinement: mean NCC %.4f, %.1f s", best.objective, timings["refine_s"])
-    a = best.alignment
+    log.info("refinement: mean NCC %.4f, %.1f s", float(a.score.mean()), timings["refine_s"])
     if not whole:
         t2 = time.time()
         sub_cents = class_means(sub_feats, a.labels, k, cents)
         cand = None if cfg.assign_candidates <= 0 else assign(features, sub_cents, cfg.assign_candidates)[3]
         all_cache = PolarCache(images, pg, tdev, batch_size=cfg.batch_size, max_bytes=0)  # streamed
-        a = align_all(all_cache, best.refs, cand, accumulate=False)[0]
+        a = align_all(all_cache, refs, cand, accumulate=False)[0]
         timings["assign_s"] = time.time() - t2
         log.info("assigned all %d particles to the refined classes: %.1f s", len(features), timings["assign_s"])
     final = class_means(features, a.labels, k, cents)
     _, own, margin, _ = assign(features, final, 1, labels=a.labels)
     result.labels, result.distance, result.margin, result.centroids = a.labels, own, margin, final
     result.angle_deg, result.shift_px, result.score = a.angle_deg, a.shift_px, a.score
-    result.objective = float(a.score.mean()) if not whole else best.objective
+    result.objective = float(a.score.mean())
     return result

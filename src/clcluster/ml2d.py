@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from .align import PolarScanner
+from .align import PolarScanner, to_reference_frame
 
-__all__ = ["ML2DResult", "ml2d"]
+__all__ = ["ML2DResult", "ml2d", "polish"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,3 +187,26 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
                                       class_probability=post, offset_sigma=tau if shift_prior == "gaussian" else None,
                                       n_iter=it))
     return ML2DResult(start_log_likelihoods=all_ll, **best[1])
+
+
+def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarray, k: int, *, max_iter: int = 20,
+           n_rotations: int = 64, max_shift: float = 3, seed: int = 0, device="cpu", batch: int = 512) -> ML2DResult:
+    """ML2D started from a classification instead of random references: each class's starting
+    reference is the average of its members (n, D, D) brought into the class frame by their
+    poses (angle_deg (n,) degrees, shift_px (n, 2) px, `align` convention); an empty class starts
+    from the average of a random 1/k of the images. Then at most max_iter EM iterations of the
+    Gaussian-likelihood model (class, rotation and shift marginalised, noise sigma fitted)."""
+    images = np.asarray(images[:], dtype=np.float32)  # also reads a memory-mapped ShardSet / RowView
+    n, box = len(labels), images.shape[-1]
+    sums = np.zeros((k, box, box))
+    for s in range(0, n, batch):
+        sl = slice(s, min(n, s + batch))
+        np.add.at(sums, labels[sl], to_reference_frame(images[sl], angle_deg[sl], shift_px[sl]))
+    counts = np.bincount(labels, minlength=k)
+    rng = np.random.default_rng([seed, 5])
+    for j in np.flatnonzero(counts == 0):
+        sums[j] = images[np.sort(rng.choice(n, max(1, n // k), replace=False))].mean(0)
+        counts[j] = 1
+    refs = (sums / counts[:, None, None]).astype(np.float32)
+    return ml2d(images, k, init_references=refs, max_iter=max_iter, n_rotations=n_rotations, max_shift=max_shift,
+                seed=seed, device=device)
