@@ -5,7 +5,7 @@ import pytest
 from clcluster.imageops import rotate
 from clcluster.metrics import hungarian_accuracy
 from clcluster.align import PolarCache, PolarGrid, PolarScanner, align_all, polar_references
-from clcluster.ml2d import ml2d, polish
+from clcluster.ml2d import classify, ml2d, polish
 from conftest import binned_easy_set
 
 
@@ -23,6 +23,20 @@ def test_ml2d_recovers_views(easy):
     assert np.allclose(res.class_probability.sum(1), 1, atol=1e-4)
     assert abs(res.alpha.sum() - 1) < 1e-6 and res.sigma > 0
     assert res.log_likelihood == max(res.start_log_likelihoods)
+
+
+def test_classify_with_the_fitted_model_reproduces_the_last_e_step(easy):
+    """`classify` (the fitted model held fixed, images read in batches) gives the labels and poses
+    of ML2D's own last E-step; particles it never saw are classified as well as those it fitted."""
+    img, truth, _ = easy
+    fit = np.arange(len(img)) % 2 == 0
+    res = ml2d(img[fit], 4, n_rotations=36, max_shift=2, n_starts=2, max_iter=10, seed=0)
+    lab, prob, rot, shift = classify(img[fit], res, batch_size=17)
+    assert np.array_equal(lab, res.labels)
+    assert np.allclose(prob, res.class_probability.max(1), atol=1e-4)
+    assert np.allclose(rot, res.rotation_deg) and np.array_equal(shift, res.shift)
+    new = classify(img[~fit], res)[0]
+    assert hungarian_accuracy(truth[~fit], new) >= 0.9
 
 
 def test_ml2d_log_likelihood_never_decreases(easy):

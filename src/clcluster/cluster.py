@@ -15,7 +15,7 @@ from .align import Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_r
 from .backend import torch_device
 from .config import dataclass_from_dict
 from .data import RowView, random_rows
-from .ml2d import ML2DResult, polish
+from .ml2d import ML2DResult, classify, polish
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,10 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     Above `cfg.refine_subset` particles the refinement runs on a seeded random subset of that
     size, and every particle is then assigned, in one streamed alignment pass, to the refined
     class references (all K of them, or its `cfg.assign_candidates` nearest classes in embedding
-    space): cost and memory of refinement fixed, of assignment linear in n."""
+    space): cost and memory of refinement fixed, of assignment linear in n. With
+    `cfg.refine_ml_iterations` > 0 the refinement ends with ML2D iterations from its classes
+    (`ml2d.polish`), and that fitted model labels every particle (`ml2d.classify`, all K classes;
+    with `cfg.assign_candidates` > 0 the NCC pass over the nearest classes does instead)."""
     t0 = time.time()
     cents = kmeans(features, k, cfg.n_init, seed, cfg.minibatch_above)
     labels, own, margin, near = assign(features, cents, cfg.candidates)
@@ -206,7 +209,7 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     if cfg.refine_split_merge > 0:
         best = split_merge(cache, best, k, best_cand, trials=cfg.refine_split_merge, rounds=cfg.refine_split_merge_rounds,
                            seed=seed, log=log.info)
-    a, refs = best.alignment, best.refs
+    a, refs, ml = best.alignment, best.refs, None
     if cfg.refine_ml_iterations > 0:
         t_ml = time.time()
         ml = likelihood_polish(sub_images, a, k, cfg, seed, tdev)
@@ -219,9 +222,13 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     log.info("refinement: mean NCC %.4f, %.1f s", float(a.score.mean()), timings["refine_s"])
     if not whole:
         t2 = time.time()
-        sub_cents = class_means(sub_feats, a.labels, k, cents)
-        cand = None if cfg.assign_candidates <= 0 else assign(features, sub_cents, cfg.assign_candidates)[3]
         all_cache = PolarCache(images, pg, tdev, batch_size=cfg.batch_size, max_bytes=0)  # streamed
+        if ml is not None and cfg.assign_candidates <= 0:
+            # the fitted likelihood model labels every particle; one more pass gives poses and scores
+            cand = classify(images, ml, tdev)[0][:, None]
+        else:
+            sub_cents = class_means(sub_feats, a.labels, k, cents)
+            cand = None if cfg.assign_candidates <= 0 else assign(features, sub_cents, cfg.assign_candidates)[3]
         a = align_all(all_cache, refs, cand, accumulate=False)[0]
         timings["assign_s"] = time.time() - t2
         log.info("assigned all %d particles to the refined classes: %.1f s", len(features), timings["assign_s"])

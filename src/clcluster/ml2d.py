@@ -35,7 +35,7 @@ from scipy.optimize import minimize_scalar
 
 from .align import PolarScanner, to_reference_frame
 
-__all__ = ["ML2DResult", "ml2d", "polish"]
+__all__ = ["ML2DResult", "classify", "ml2d", "polish"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +46,8 @@ class ML2DResult:
     log_likelihood (final, nats, whole data set); alpha (K,) class priors; sigma (noise std,
     image units); rotation_deg (n,) and shift (n, 2) = (dx, dy) px: most probable pose within
     the assigned class; class_probability (n, K) posteriors; offset_sigma: fitted std (px) of
-    the Gaussian shift prior (None if uniform); start_log_likelihoods: final LL of every start."""
+    the Gaussian shift prior (None if uniform); start_log_likelihoods: final LL of every start;
+    model: what `classify` needs to assign more images with the fitted model."""
 
     labels: np.ndarray
     references: np.ndarray
@@ -60,6 +61,7 @@ class ML2DResult:
     offset_sigma: float | None
     start_log_likelihoods: list
     n_iter: int
+    model: dict | None = None  # the fitted model (polar reference spectra, alpha, sigma^2, shift prior) for `classify`
 
 
 def _fit_offset_sigma(counts: np.ndarray, d2: np.ndarray, lo: float, hi: float, old: float) -> float:
@@ -70,6 +72,49 @@ def _fit_offset_sigma(counts: np.ndarray, d2: np.ndarray, lo: float, hi: float, 
         return -float((counts * (a - lse)).sum())
     res = minimize_scalar(negll, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-4})
     return float(math.exp(res.x)) if res.fun <= negll(math.log(old)) else old
+
+
+def _log_shift_prior(d2: np.ndarray, tau: float, shift_prior: str) -> np.ndarray:
+    """Normalised log prior (S,) over the shift grid (squared lengths d2, px^2)."""
+    logpi = (-d2 / (2 * tau * tau)) if shift_prior == "gaussian" else np.zeros(len(d2))
+    return logpi - (logpi.max() + math.log(np.exp(logpi - logpi.max()).sum()))
+
+
+def _score_terms(scan: PolarScanner, q: torch.Tensor, alpha: np.ndarray, sigma2: float, logpi: np.ndarray):
+    """(weighted conjugate references / sigma^2, bias (S, K) = log shift prior + log alpha - ||Q_k||^2 / 2 sigma^2)."""
+    dev = q.device
+    wq = scan.weighted_conj(q) * (1.0 / sigma2)
+    bias = (torch.as_tensor(logpi, dtype=torch.float32, device=dev)[:, None]
+            + torch.as_tensor(np.log(np.maximum(alpha, 1e-300)), dtype=torch.float32, device=dev)[None, :]
+            - (scan.weighted_norm2(q) / (2 * sigma2)).float()[None, :])
+    return wq, bias
+
+
+def _posterior(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor, b: int, k: int):
+    """E-step of one batch of b images (spectra (M, b*S, Nr)): the posterior (b, S, K, Na) of
+    shift, class and rotation, its sum over rotations (b, S, K), and log-evidence minus the
+    ||x||^2 and normalising terms (b,)."""
+    S, na = scan.n_shifts, scan.n_rot
+    L = scan.correlate(spec, wq)  # (Na, b*S, K): C / sigma^2
+    # irfft along dim 0 returns the rotation axis innermost in memory; work on that layout
+    Lp = L.permute(1, 2, 0).reshape(b, S, k, na)  # a view on CPU
+    Lp += bias[None, :, :, None]
+    mx = Lp.reshape(b, -1).amax(1).view(b, 1, 1, 1)
+    # exp is slow below float32's normal range; posteriors under e^-87 are dropped to ~1e-38
+    Lp.sub_(mx).clamp_(min=-87.0).exp_()
+    g0 = Lp.sum(dim=-1)  # (b, S, K)
+    z = g0.reshape(b, -1).sum(1)
+    Lp.div_(z.view(b, 1, 1, 1))
+    g0.div_(z.view(b, 1, 1))
+    return Lp, g0, mx.view(b) + z.log()
+
+
+def _map_pose(Lp: torch.Tensor, labels: torch.Tensor, na: int):
+    """Most probable (shift index, rotation index) of each image within its class."""
+    b, S = Lp.shape[:2]
+    g_lab = Lp[torch.arange(b, device=Lp.device), :, labels, :]  # (b, S, Na)
+    flat = g_lab.reshape(b, S * na).argmax(1).cpu().numpy()
+    return flat // na, flat % na
 
 
 def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_starts: int = 3, max_iter: int = 25,
@@ -122,13 +167,7 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
         history = []
         it = 0
         while True:
-            logpi = (-d2 / (2 * tau * tau)) if shift_prior == "gaussian" else np.zeros(S)
-            logpi = logpi - (logpi.max() + math.log(np.exp(logpi - logpi.max()).sum()))
-            qq = scan.weighted_norm2(q)  # (K,)
-            wq = scan.weighted_conj(q) * (1.0 / sigma2)
-            bias = (torch.as_tensor(logpi, dtype=torch.float32, device=dev)[:, None]
-                    + torch.as_tensor(np.log(np.maximum(alpha, 1e-300)), dtype=torch.float32, device=dev)[None, :]
-                    - (qq / (2 * sigma2)).float()[None, :])  # (S, K)
+            wq, bias = _score_terms(scan, q, alpha, sigma2, _log_shift_prior(d2, tau, shift_prior))
             num = torch.zeros_like(q)  # (M, K, Nr) sums of images brought to the reference frame
             nk = torch.zeros(k, dtype=torch.float64, device=dev)
             gs = torch.zeros(S, dtype=torch.float64, device=dev)
@@ -138,27 +177,15 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
             for j, sl in enumerate(slices):
                 spec = get_spec(j)
                 b = sl.stop - sl.start
-                L = scan.correlate(spec, wq)  # (Na, b*S, K): C / sigma^2
-                # irfft along dim 0 returns the rotation axis innermost in memory; work on that layout
-                Lp = L.permute(1, 2, 0).reshape(b, S, k, na)  # a view on CPU
-                Lp += bias[None, :, :, None]
-                mx = Lp.reshape(b, -1).amax(1).view(b, 1, 1, 1)
-                # exp is slow below float32's normal range; posteriors under e^-87 are dropped to ~1e-38
-                Lp.sub_(mx).clamp_(min=-87.0).exp_()
-                g0 = Lp.sum(dim=-1)  # (b, S, K)
-                z = g0.reshape(b, -1).sum(1)
-                Lp.div_(z.view(b, 1, 1, 1))  # posterior gamma of (shift, class, rotation) per image
-                g0.div_(z.view(b, 1, 1))
-                ll += float((mx.view(b) + z.log()).double().sum())
+                Lp, g0, evidence = _posterior(scan, spec, wq, bias, b, k)  # gamma of (shift, class, rotation)
+                ll += float(evidence.double().sum())
                 cls_post = g0.sum(1)  # (b, K)
                 nk += cls_post.double().sum(0)
                 gs += g0.sum(dim=(0, 2)).double()
                 lb = cls_post.argmax(1)
                 post[sl] = cls_post.cpu().numpy()
                 lab[sl] = lb.cpu().numpy()
-                g_lab = Lp[torch.arange(b, device=dev), :, lb, :]  # (b, S, Na)
-                flat = g_lab.reshape(b, S * na).argmax(1).cpu().numpy()
-                sh_i[sl], rot_i[sl] = flat // na, flat % na
+                sh_i[sl], rot_i[sl] = _map_pose(Lp, lb, na)
                 num += scan.back_project(Lp.view(b * S, k, na).permute(2, 0, 1), spec)
             ll += float(-(xx.sum()) / (2 * sigma2) - n * (npix / 2) * math.log(2 * math.pi * sigma2)
                         - n * math.log(na))
@@ -185,7 +212,9 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
                                       log_likelihood=history[-1], alpha=alpha, sigma=math.sqrt(sigma2),
                                       rotation_deg=scan.rotation_deg(rot_i), shift=scan.shift_px(sh_i),
                                       class_probability=post, offset_sigma=tau if shift_prior == "gaussian" else None,
-                                      n_iter=it))
+                                      n_iter=it, model=dict(q=q, alpha=alpha, sigma2=sigma2, tau=tau, shift_prior=shift_prior,
+                                                            box=box, n_rotations=n_rotations, max_shift=max_shift,
+                                                            r_max=scan.r_max, n_radii=scan.n_radii)))
     return ML2DResult(start_log_likelihoods=all_ll, **best[1])
 
 
@@ -210,3 +239,28 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
     refs = (sums / counts[:, None, None]).astype(np.float32)
     return ml2d(images, k, init_references=refs, max_iter=max_iter, n_rotations=n_rotations, max_shift=max_shift,
                 seed=seed, device=device)
+
+
+def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None):
+    """Assign images (n, D, D) array-like (NumPy, memory map, `data.ShardSet`; read batch by
+    batch) with a fitted ML2D model (its references, class priors, noise sigma and shift prior
+    held fixed: one E-step). Returns labels (n,), their posterior probability (n,) float32,
+    rotation_deg (n,) and shift (n, 2) px of the most probable pose within the class."""
+    m = result.model
+    dev = torch.device(device)
+    scan = PolarScanner(m["box"], m["n_rotations"], m["max_shift"], m["r_max"], m["n_radii"], dev)
+    q = m["q"].to(dev)
+    k = q.shape[1]
+    d2 = (scan.shifts.astype(np.float64) ** 2).sum(1)
+    wq, bias = _score_terms(scan, q, m["alpha"], m["sigma2"], _log_shift_prior(d2, m["tau"], m["shift_prior"]))
+    n = len(images)
+    lab, prob = np.empty(n, np.int64), np.empty(n, np.float32)
+    rot_i, sh_i = np.empty(n, np.int64), np.empty(n, np.int64)
+    for sl in scan.batches(n, k, batch_size):
+        x = torch.as_tensor(np.asarray(images[sl], dtype=np.float32), device=dev)
+        Lp, g0, _ = _posterior(scan, scan.transform(x), wq, bias, x.shape[0], k)
+        cls_post = g0.sum(1)
+        p, lb = cls_post.max(1)
+        lab[sl], prob[sl] = lb.cpu().numpy(), p.cpu().numpy()
+        sh_i[sl], rot_i[sl] = _map_pose(Lp, lb, scan.n_rot)
+    return lab, prob, scan.rotation_deg(rot_i), scan.shift_px(sh_i)
