@@ -155,7 +155,8 @@ def class_means(features, labels: np.ndarray, k: int, fallback: np.ndarray, chun
 def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: int = 0, device="cpu") -> ML2DResult:
     """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it."""
     return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=cfg.refine_ml_iterations,
-                  n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device)
+                  n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
+                  cache_bytes=cfg.cache_mb * 1e6)
 
 
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,

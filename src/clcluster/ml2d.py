@@ -219,12 +219,14 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
 
 
 def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarray, k: int, *, max_iter: int = 20,
-           n_rotations: int = 64, max_shift: float = 3, seed: int = 0, device="cpu", batch: int = 512) -> ML2DResult:
+           n_rotations: int = 64, max_shift: float = 3, seed: int = 0, device="cpu", batch: int = 512,
+           cache_bytes: float = 1.5e9) -> ML2DResult:
     """ML2D started from a classification instead of random references: each class's starting
     reference is the average of its members (n, D, D) brought into the class frame by their
     poses (angle_deg (n,) degrees, shift_px (n, 2) px, `align` convention); an empty class starts
     from the average of a random 1/k of the images. Then at most max_iter EM iterations of the
-    Gaussian-likelihood model (class, rotation and shift marginalised, noise sigma fitted)."""
+    Gaussian-likelihood model (class, rotation and shift marginalised, noise sigma fitted);
+    cache_bytes as for `ml2d`."""
     images = np.asarray(images[:], dtype=np.float32)  # also reads a memory-mapped ShardSet / RowView
     n, box = len(labels), images.shape[-1]
     sums = np.zeros((k, box, box))
@@ -238,7 +240,7 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
         counts[j] = 1
     refs = (sums / counts[:, None, None]).astype(np.float32)
     return ml2d(images, k, init_references=refs, max_iter=max_iter, n_rotations=n_rotations, max_shift=max_shift,
-                seed=seed, device=device)
+                seed=seed, device=device, cache_bytes=cache_bytes)
 
 
 def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None):
