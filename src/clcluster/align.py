@@ -498,6 +498,7 @@ class PolarScanner:
         sh = [(dx, dy) for dy in range(-m, m + 1) for dx in range(-m, m + 1) if dx * dx + dy * dy <= self.max_shift ** 2 + 1e-6]
         self.shifts = np.asarray(sh, dtype=np.float32).reshape(-1, 2)  # (S, 2) = (dx, dy) px
         self.n_shifts = len(self.shifts)
+        self.shift_d2 = (self.shifts.astype(np.float64) ** 2).sum(1)  # (S,) squared shift lengths, px^2
         theta = torch.arange(self.n_rot, dtype=torch.float64) * (2 * math.pi / self.n_rot)
         c = box // 2
         xs = c + torch.from_numpy(self.shifts[:, 0]).double()[:, None, None] + self.radii[None, :, None] * torch.cos(theta)

@@ -61,7 +61,7 @@ class ML2DResult:
     offset_sigma: float | None
     start_log_likelihoods: list
     n_iter: int
-    model: dict | None = None  # the fitted model (polar reference spectra, alpha, sigma^2, shift prior) for `classify`
+    model: dict | None = None  # the fitted model (scanner, polar reference spectra, alpha, sigma^2, shift prior) for `classify`
 
 
 def _fit_offset_sigma(counts: np.ndarray, d2: np.ndarray, lo: float, hi: float, old: float) -> float:
@@ -145,7 +145,7 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
     slices = scan.batches(n, k, batch_size)
     xx = x.double().pow(2).sum((1, 2))  # (n,) ||x_i||^2 over the whole box
     npix = box * box
-    d2 = (scan.shifts.astype(np.float64) ** 2).sum(1)
+    d2 = scan.shift_d2
     spec_bytes = n * S * scan.n_radii * scan.n_freq * 8
     cache = [scan.transform(x[sl]) for sl in slices] if spec_bytes <= cache_bytes else None
     get_spec = (lambda j: cache[j]) if cache is not None else (lambda j: scan.transform(x[slices[j]]))
@@ -212,9 +212,8 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
                                       log_likelihood=history[-1], alpha=alpha, sigma=math.sqrt(sigma2),
                                       rotation_deg=scan.rotation_deg(rot_i), shift=scan.shift_px(sh_i),
                                       class_probability=post, offset_sigma=tau if shift_prior == "gaussian" else None,
-                                      n_iter=it, model=dict(q=q, alpha=alpha, sigma2=sigma2, tau=tau, shift_prior=shift_prior,
-                                                            box=box, n_rotations=n_rotations, max_shift=max_shift,
-                                                            r_max=scan.r_max, n_radii=scan.n_radii)))
+                                      n_iter=it, model=dict(scan=scan, q=q, alpha=alpha, sigma2=sigma2, tau=tau,
+                                                            shift_prior=shift_prior)))
     return ML2DResult(start_log_likelihoods=all_ll, **best[1])
 
 
@@ -250,11 +249,11 @@ def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = 
     rotation_deg (n,) and shift (n, 2) px of the most probable pose within the class."""
     m = result.model
     dev = torch.device(device)
-    scan = PolarScanner(m["box"], m["n_rotations"], m["max_shift"], m["r_max"], m["n_radii"], dev)
+    fit = m["scan"]
+    scan = fit if fit.device == dev else PolarScanner(fit.box, fit.n_rot, fit.max_shift, fit.r_max, fit.n_radii, dev)
     q = m["q"].to(dev)
     k = q.shape[1]
-    d2 = (scan.shifts.astype(np.float64) ** 2).sum(1)
-    wq, bias = _score_terms(scan, q, m["alpha"], m["sigma2"], _log_shift_prior(d2, m["tau"], m["shift_prior"]))
+    wq, bias = _score_terms(scan, q, m["alpha"], m["sigma2"], _log_shift_prior(scan.shift_d2, m["tau"], m["shift_prior"]))
     n = len(images)
     lab, prob = np.empty(n, np.int64), np.empty(n, np.float32)
     rot_i, sh_i = np.empty(n, np.int64), np.empty(n, np.int64)
