@@ -58,3 +58,28 @@ def _aligned_refs(cache, labels, k):
     for _ in range(3):
         _, refs, _ = align_all(cache, refs, labels[:, None])
     return refs
+
+
+def test_wide_passes_compare_only_similar_classes(monkeypatch):
+    """With 0 < wide < K, the wide passes of the soft EM compare each particle with its
+    candidates and the `wide` classes most similar to its own (never all K), and still recover
+    the views from a start with a quarter of the labels scrambled."""
+    import clcluster.align as al
+    from conftest import binned_easy_set
+
+    img, truth, _ = binned_easy_set(views=6, snr=1.0, seed=5, images_per_view=30)
+    cache = PolarCache(img, PolarGrid(32, max_shift=2))
+    refs = _aligned_refs(cache, truth, 6)
+    sim = al.similar_classes(refs, 3)
+    assert sim.shape == (6, 3) and np.array_equal(sim[:, 0], np.arange(6))
+    seen = []
+    real = al.soft_align_all
+    monkeypatch.setattr(al, "soft_align_all", lambda c, r, cand, *a, **kw: (seen.append(None if cand is None else cand.shape[1]), real(c, r, cand, *a, **kw))[1])
+    rng = np.random.default_rng(0)
+    start = truth.copy()
+    bad = rng.random(len(start)) < 0.25
+    start[bad] = rng.integers(0, 6, bad.sum())
+    near = np.stack([start, (start + 1) % 6], axis=1)
+    out = al.soft_em(cache, start, 6, near, max_iter=8, anneal_iterations=2, seed=0, full_every=2, top_m=2, wide=3)
+    assert seen and None not in seen and seen[0] == 2 + 3  # wide pass: 2 candidates + 3 similar classes
+    assert hungarian_accuracy(truth, out.alignment.labels) >= 0.95

@@ -98,3 +98,29 @@ def test_scanner_shift_grid_and_fit():
     assert np.all((s.shifts ** 2).sum(1) <= 9)
     with pytest.raises(ValueError):
         PolarScanner(16, max_shift=3, r_max=8)
+
+
+def test_truncated_e_step_matches_the_full_one_and_never_lowers_its_bound(easy):
+    """With every class listed as a candidate, the sparse E-step gives ML2D's own results; with
+    3 candidates per particle (the true view, a random class, the true view again) it still
+    finds the views, a repeated candidate counts once, and its log-likelihood bound never falls."""
+    img, truth, refs = easy
+    kw = dict(n_rotations=36, max_shift=2, init_references=refs, max_iter=4)
+    full = ml2d(img, 4, **kw)
+    every = ml2d(img, 4, candidates=np.tile(np.arange(4), (len(img), 1)), **kw)
+    assert np.array_equal(full.labels, every.labels)
+    assert np.allclose(full.log_likelihood_history, every.log_likelihood_history, rtol=1e-6)
+    assert np.allclose(full.class_probability, every.class_probability, atol=1e-4)
+    assert np.allclose(full.references, every.references, atol=1e-4)
+    rng = np.random.default_rng(1)
+    cand = np.stack([truth, rng.integers(0, 4, len(img)), truth], axis=1)
+    sparse = ml2d(img, 4, candidates=cand, **dict(kw, max_iter=8))
+    assert hungarian_accuracy(truth, sparse.labels) >= 0.95
+    assert np.all(np.diff(sparse.log_likelihood_history) >= -1e-6 * abs(sparse.log_likelihood))
+    post = sparse.class_probability
+    assert np.allclose(post.sum(1), 1, atol=1e-4)
+    outside = np.ones_like(post, dtype=bool)
+    outside[np.arange(len(img))[:, None], cand] = False
+    assert np.all(post[outside] == 0)
+    with pytest.raises(ValueError, match="candidates"):
+        ml2d(img, 4, candidates=cand + 4, **kw)

@@ -241,7 +241,8 @@ def effective_samples(pg: PolarGrid) -> float:
 
 def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarray | None = None,
             max_iter: int = 20, anneal_iterations: int = 8, seed: int = 0, log=None,
-            full_every: int = 0, top_m: int = 3, refs0: torch.Tensor | None = None, c0: float = 0.3) -> RefineResult:
+            full_every: int = 0, top_m: int = 3, refs0: torch.Tensor | None = None, c0: float = 0.3,
+            wide: int = 0) -> RefineResult:
     """Alignment-based EM with deterministic annealing, from a starting partition.
 
     Each particle's responsibility over its candidate classes, shifts and rotations is
@@ -255,6 +256,9 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
     in embedding space); None compares with all K. With full_every = T > 0 every T-th pass
     compares with all K and each particle's `top_m` best-scoring classes from that pass join
     its candidates until the next full pass (the cost of the other passes stays flat in K).
+    With 0 < wide < K those "full" passes compare each particle with its candidates and the
+    `wide` references most similar to its current class's (`similar_classes`), so that every
+    pass costs N x (m + wide), flat in K; wide = 0 or >= K compares with all K.
     refs0 (K, R, A): start from these references instead of labels0's class means."""
     if refs0 is None:
         g = torch.Generator().manual_seed(seed)
@@ -271,7 +275,8 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
         beta = beta_full * min(1.0, (it + 1) / max(anneal_iterations, 1))
         full = candidates is None or (full_every > 0 and it % full_every == 0)
         if full:
-            cand_it = None
+            cand_it = None if candidates is None or not 0 < wide < k else \
+                np.concatenate([candidates, similar_classes(refs, wide)[labels]], axis=1)
         elif recent_top is not None:
             cand_it = np.concatenate([candidates, recent_top], axis=1)
         else:
@@ -296,6 +301,14 @@ def reference_similarity(refs: torch.Tensor) -> torch.Tensor:
     f = torch.fft.rfft(unit(refs), dim=-1)
     corr = torch.fft.irfft(torch.einsum("irf,jrf->ijf", f, f.conj()), n=refs.shape[-1], dim=-1)
     return corr.max(dim=-1).values
+
+
+def similar_classes(refs: torch.Tensor, wide: int) -> np.ndarray:
+    """For each class, the `wide` classes (itself first) whose polar references (K, R, A) match
+    its own best over rotation: (K, wide) indices."""
+    sim = reference_similarity(refs)
+    sim.fill_diagonal_(float("inf"))
+    return sim.topk(min(wide, sim.shape[0]), dim=1).indices.cpu().numpy()
 
 
 def rotate_polar_to(ref: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .align import Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_references, soft_em, split_merge
+from .align import (Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_references, similar_classes, soft_em,
+                    split_merge)
 from .backend import torch_device
 from .config import dataclass_from_dict
 from .data import RowView, random_rows
@@ -32,7 +33,8 @@ class ClusterConfig:
     refine_iterations: int = 25
     refine_anneal_iterations: int = 8
     refine_full_every: int = 4
-    refine_restarts: int = 4
+    refine_wide: int = 12
+    refine_restarts: int = 1
     refine_split_merge: int = 6
     refine_split_merge_rounds: int = 4
     refine_ml_iterations: int = 20
@@ -152,11 +154,13 @@ def class_means(features, labels: np.ndarray, k: int, fallback: np.ndarray, chun
     return out.astype(np.float32)
 
 
-def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: int = 0, device="cpu") -> ML2DResult:
-    """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it."""
+def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: int = 0, device="cpu",
+                      candidates: np.ndarray | None = None) -> ML2DResult:
+    """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it; candidates (n, c):
+    the classes each particle is compared with (None: all K)."""
     return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=cfg.refine_ml_iterations,
                   n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
-                  cache_bytes=cfg.cache_mb * 1e6)
+                  cache_bytes=cfg.cache_mb * 1e6, candidates=candidates)
 
 
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
@@ -200,7 +204,7 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
             lab0, _, _, cand = assign(sub_feats, c_r, cfg.candidates)
         if cfg.refine_method == "soft":
             res = soft_em(cache, lab0, k, cand, cfg.refine_iterations, cfg.refine_anneal_iterations, seed=seed + r,
-                          log=log.info, full_every=cfg.refine_full_every, top_m=cfg.candidates)
+                          log=log.info, full_every=cfg.refine_full_every, top_m=cfg.candidates, wide=cfg.refine_wide)
         else:
             res = hard_em(cache, lab0, k, cand, cfg.refine_iterations, seed=seed + r, log=log.info)
         log.info("refinement restart %d: mean NCC %.4f after %d iterations", r + 1, res.objective, len(res.history))
@@ -213,7 +217,10 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     a, refs, ml = best.alignment, best.refs, None
     if cfg.refine_ml_iterations > 0:
         t_ml = time.time()
-        ml = likelihood_polish(sub_images, a, k, cfg, seed, tdev)
+        # flat in K: each particle against its embedding candidates and the classes most similar to its own
+        ml_cand = (np.concatenate([similar_classes(best.refs, cfg.refine_wide)[a.labels], best_cand], axis=1)
+                   if 0 < cfg.refine_wide < k else None)
+        ml = likelihood_polish(sub_images, a, k, cfg, seed, tdev, candidates=ml_cand)
         log.info("ML2D from the refined classes: log-likelihood %.1f after %d iterations, %.1f%% labels changed, %.1f s",
                  ml.log_likelihood, ml.n_iter, 100 * float((ml.labels != a.labels).mean()), time.time() - t_ml)
         # labels from the likelihood; poses, scores and references in the refinement's polar frame

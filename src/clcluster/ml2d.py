@@ -109,6 +109,41 @@ def _posterior(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: t
     return Lp, g0, mx.view(b) + z.log()
 
 
+def _posterior_sparse(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor, cand: torch.Tensor):
+    """`_posterior` with each of the b images compared only with its own c candidate classes
+    cand (b, c) (a truncated E-step: the other classes get posterior 0; a class listed twice
+    counts once). Returns the posterior (b, S, c, Na), its sum over rotations (b, S, c) and the
+    log-evidence over the candidates (b,)."""
+    b, c = cand.shape
+    S, na = scan.n_shifts, scan.n_rot
+    m, rows, nr = spec.shape
+    p = torch.view_as_real(spec).reshape(m, b, S, 2 * nr).transpose(0, 1)  # (b, M, S, 2Nr)
+    w = wq.view(m, 2 * nr, -1, 2)[:, :, cand]  # (M, 2Nr, b, c, 2)
+    w = w.permute(2, 0, 1, 3, 4).reshape(b, m, 2 * nr, 2 * c)
+    z = torch.view_as_complex(torch.matmul(p, w).view(b, m, S, c, 2))  # (b, M, S, c)
+    Lp = torch.fft.irfft(z, n=na, dim=1).permute(0, 2, 3, 1).contiguous()  # (b, S, c, Na)
+    dup = (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)  # (b, c)
+    Lp += (bias[:, cand].permute(1, 0, 2).masked_fill(dup[:, None, :], -torch.inf))[..., None]
+    mx = Lp.reshape(b, -1).amax(1).view(b, 1, 1, 1)
+    Lp.sub_(mx).clamp_(min=-87.0).exp_()
+    Lp.masked_fill_(dup[:, None, :, None], 0.0)
+    g0 = Lp.sum(dim=-1)
+    z = g0.reshape(b, -1).sum(1)
+    Lp.div_(z.view(b, 1, 1, 1))
+    g0.div_(z.view(b, 1, 1))
+    return Lp, g0, mx.view(b) + z.log()
+
+
+def _back_project_sparse(scan: PolarScanner, Lp: torch.Tensor, spec: torch.Tensor, cand: torch.Tensor, num: torch.Tensor):
+    """Add to num (M, K, Nr) each image's spectrum brought to the frame of each of its candidate
+    classes, weighted by the posterior Lp (b, S, c, Na) (`PolarScanner.back_project` over candidates)."""
+    b, S, c, na = Lp.shape
+    m, _, nr = spec.shape
+    g = torch.fft.rfft(Lp, dim=-1).permute(3, 0, 2, 1).conj()  # (M, b, c, S)
+    contrib = torch.matmul(g, spec.view(m, b, S, nr))  # (M, b, c, Nr)
+    num.index_add_(1, cand.reshape(-1), contrib.reshape(m, b * c, nr))
+
+
 def _map_pose(Lp: torch.Tensor, labels: torch.Tensor, na: int):
     """Most probable (shift index, rotation index) of each image within its class."""
     b, S = Lp.shape[:2]
@@ -120,7 +155,7 @@ def _map_pose(Lp: torch.Tensor, labels: torch.Tensor, na: int):
 def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_starts: int = 3, max_iter: int = 25,
          tol: float = 1e-5, seed: int = 0, device="cpu", batch_size: int | None = None,
          shift_prior: str = "gaussian", r_max: float | None = None, n_radii: int | None = None,
-         init_references=None, cache_bytes: float = 1.5e9, verbose: bool = False) -> ML2DResult:
+         init_references=None, cache_bytes: float = 1.5e9, candidates=None, verbose: bool = False) -> ML2DResult:
     """ML2D classification of images (n, D, D) into k classes.
 
     n_rotations: in-plane rotation steps over 360 degrees; max_shift: translation search radius
@@ -131,7 +166,10 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
     change of the log-likelihood falls below tol; the start with the highest final
     log-likelihood is returned. init_references (k, D, D) replaces the random starts (one run).
     batch_size: images per batch (default: sized for ~16 MB of scores); cache_bytes: keep the
-    images' polar spectra in memory when they fit (else recompute each iteration)."""
+    images' polar spectra in memory when they fit (else recompute each iteration).
+    candidates (n, c): compare each image only with these classes (a truncated E-step, Neal &
+    Hinton 1998: cost N x c instead of N x K; the log-likelihood reported is then the bound
+    over the candidates, which EM with fixed candidate sets never decreases)."""
     if shift_prior not in ("gaussian", "uniform"):
         raise ValueError(f"shift_prior must be 'gaussian' or 'uniform', not {shift_prior!r}")
     dev = torch.device(device)
@@ -142,7 +180,10 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
         raise ValueError(f"k={k} must be between 1 and the number of images ({n})")
     scan = PolarScanner(box, n_rotations, max_shift, r_max, n_radii, dev)
     na, S = scan.n_rot, scan.n_shifts
-    slices = scan.batches(n, k, batch_size)
+    cand_all = None if candidates is None else torch.as_tensor(np.asarray(candidates, dtype=np.int64), device=dev)
+    if cand_all is not None and (cand_all.shape[0] != n or cand_all.min() < 0 or cand_all.max() >= k):
+        raise ValueError(f"candidates must be (n={n}, c) class indices in [0, {k})")
+    slices = scan.batches(n, k if cand_all is None else cand_all.shape[1], batch_size)
     xx = x.double().pow(2).sum((1, 2))  # (n,) ||x_i||^2 over the whole box
     npix = box * box
     d2 = scan.shift_d2
@@ -177,16 +218,26 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
             for j, sl in enumerate(slices):
                 spec = get_spec(j)
                 b = sl.stop - sl.start
-                Lp, g0, evidence = _posterior(scan, spec, wq, bias, b, k)  # gamma of (shift, class, rotation)
+                if cand_all is None:
+                    Lp, g0, evidence = _posterior(scan, spec, wq, bias, b, k)  # gamma of (shift, class, rotation)
+                    cls_post = g0.sum(1)  # (b, K)
+                    lb = cls_post.argmax(1)
+                    sh_i[sl], rot_i[sl] = _map_pose(Lp, lb, na)
+                    num += scan.back_project(Lp.view(b * S, k, na).permute(2, 0, 1), spec)
+                else:
+                    cand = cand_all[sl]
+                    Lp, g0, evidence = _posterior_sparse(scan, spec, wq, bias, cand)
+                    local = g0.sum(1)  # (b, c)
+                    li = local.argmax(1)
+                    sh_i[sl], rot_i[sl] = _map_pose(Lp, li, na)
+                    _back_project_sparse(scan, Lp, spec, cand, num)
+                    cls_post = torch.zeros(b, k, dtype=local.dtype, device=dev).scatter_add_(1, cand, local)
+                    lb = cand.gather(1, li[:, None])[:, 0]
                 ll += float(evidence.double().sum())
-                cls_post = g0.sum(1)  # (b, K)
                 nk += cls_post.double().sum(0)
                 gs += g0.sum(dim=(0, 2)).double()
-                lb = cls_post.argmax(1)
                 post[sl] = cls_post.cpu().numpy()
                 lab[sl] = lb.cpu().numpy()
-                sh_i[sl], rot_i[sl] = _map_pose(Lp, lb, na)
-                num += scan.back_project(Lp.view(b * S, k, na).permute(2, 0, 1), spec)
             ll += float(-(xx.sum()) / (2 * sigma2) - n * (npix / 2) * math.log(2 * math.pi * sigma2)
                         - n * math.log(na))
             history.append(ll)
@@ -219,13 +270,13 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
 
 def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarray, k: int, *, max_iter: int = 20,
            n_rotations: int = 64, max_shift: float = 3, seed: int = 0, device="cpu", batch: int = 512,
-           cache_bytes: float = 1.5e9) -> ML2DResult:
+           cache_bytes: float = 1.5e9, candidates=None) -> ML2DResult:
     """ML2D started from a classification instead of random references: each class's starting
     reference is the average of its members (n, D, D) brought into the class frame by their
     poses (angle_deg (n,) degrees, shift_px (n, 2) px, `align` convention); an empty class starts
     from the average of a random 1/k of the images. Then at most max_iter EM iterations of the
     Gaussian-likelihood model (class, rotation and shift marginalised, noise sigma fitted);
-    cache_bytes as for `ml2d`."""
+    cache_bytes and candidates (n, c) as for `ml2d`."""
     images = np.asarray(images[:], dtype=np.float32)  # also reads a memory-mapped ShardSet / RowView
     n, box = len(labels), images.shape[-1]
     sums = np.zeros((k, box, box))
@@ -239,7 +290,7 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
         counts[j] = 1
     refs = (sums / counts[:, None, None]).astype(np.float32)
     return ml2d(images, k, init_references=refs, max_iter=max_iter, n_rotations=n_rotations, max_shift=max_shift,
-                seed=seed, device=device, cache_bytes=cache_bytes)
+                seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates)
 
 
 def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None):
