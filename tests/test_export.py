@@ -52,12 +52,13 @@ def run(tmp_path_factory):
     work = preprocess_batch(sim.images, CTFParams.from_table(table), cfg.apix, PreprocessConfig(box=WORK_BOX))
     rng = np.random.default_rng(0)
     n = len(labels)
-    assignments = {"labels": labels, "distance": rng.uniform(0.2, 0.8, n), "margin": rng.uniform(0, 0.3, n)}
+    assignments = {"labels": labels, "distance": rng.uniform(0.2, 0.8, n), "margin": rng.uniform(0, 0.3, n),
+                   "probability": rng.uniform(0.3, 1.0, n)}
     emb = rng.standard_normal((n, 16)).astype(np.float32) + 3 * np.eye(16, dtype=np.float32)[labels]
     meta = {"apix_A": cfg.apix * cfg.box / WORK_BOX, "input_apix_A": cfg.apix, "input_box": cfg.box}
     out = d / "export"
     summary = export(table, assignments, work, meta, K, out, ExportConfig(tsne_max_points=120), embeddings=emb)
-    return {"sim": sim, "cfg": cfg, "star": star, "table": table, "labels": labels, "out": out,
+    return {"sim": sim, "cfg": cfg, "star": star, "table": table, "labels": labels, "out": out, "probability": assignments["probability"],
             "summary": summary, "work_apix": meta["apix_A"]}
 
 
@@ -114,6 +115,7 @@ def test_columns_relion_needs_for_reconstruction_with_units(run):
     for col in ("rlnImageName", "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnAnglePsi",
                 "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber", "rlnClclusterDistance", "rlnClclusterMargin"):
         assert col in p, col
+    assert np.allclose(p["rlnClclusterClassProbability"], run["probability"])
     assert p["rlnImageName"].str.match(r"^\d+@\S+\.mrcs$").all()
     assert p["rlnDefocusU"].between(5000, 50000).all()  # Å
     assert p["rlnAnglePsi"].between(-180, 180).all()  # degrees

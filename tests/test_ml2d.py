@@ -37,6 +37,12 @@ def test_classify_with_the_fitted_model_reproduces_the_last_e_step(easy):
     assert np.allclose(rot, res.rotation_deg) and np.array_equal(shift, res.shift)
     new = classify(img[~fit], res)[0]
     assert hungarian_accuracy(truth[~fit], new) >= 0.9
+    # candidates: every class listed reproduces the full E-step; one class listed is that class
+    every = classify(img[fit], res, batch_size=17, candidates=np.tile(np.arange(4)[::-1], (int(fit.sum()), 1)))
+    assert np.array_equal(every[0], lab) and np.allclose(every[1], prob, atol=1e-4) and np.allclose(every[2], rot)
+    one = np.random.default_rng(2).integers(0, 4, (int(fit.sum()), 1))
+    lab1, prob1 = classify(img[fit], res, candidates=one)[:2]
+    assert np.array_equal(lab1, one[:, 0]) and np.allclose(prob1, 1, atol=1e-5)
 
 
 def test_ml2d_log_likelihood_never_decreases(easy):

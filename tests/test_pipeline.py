@@ -29,6 +29,9 @@ def test_clustering_of_easy_set_far_above_chance(easy_sim, preprocessed_easy, tr
     # a shuffled labelling would miss the floor
     assert hungarian_accuracy(truth, np.random.default_rng(0).permutation(res.labels)) < 0.5
     assert res.angle_deg is not None and res.shift_px.shape == (len(truth), 2)
+    # the ML2D stage's posterior of the assigned class: a probability, confident on easy data
+    assert res.probability.shape == (len(truth),) and np.all((res.probability > 0) & (res.probability <= 1 + 1e-6))
+    assert np.median(res.probability) > 0.9
 
 
 def test_encoder_alone_beats_chance(easy_sim, preprocessed_easy, trained):
@@ -94,6 +97,7 @@ def test_refinement_on_a_subset_then_streamed_assignment_of_all(easy_sim, prepro
     assert hungarian_accuracy(truth, res.labels) >= 0.85
     # every particle got a pose from the streamed alignment pass, with an NCC score in [-1, 1]
     assert np.all(res.score >= -1) and np.all(res.score <= 1) and res.shift_px.shape == (200, 2)
+    assert res.probability.shape == (200,) and np.all((res.probability > 0) & (res.probability <= 1 + 1e-6))
 
 
 def test_streamed_assignment_matches_direct_distances():

@@ -66,36 +66,29 @@ def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
     train([workdir / "shard.npy"], workdir / "encoder.pt", TrainConfig.from_dict(run_cfg["train"]), seed=seed, device="cpu", apix=apix)
     enc, _ = load_encoder(workdir / "encoder.pt")
     feats = embed_images(enc, images.astype(np.float16).astype(np.float32))
-    cc = ClusterConfig.from_dict(run_cfg["cluster"])
-    res = cluster(feats, k, dataclasses.replace(cc, refine=False), seed=seed)
-    t_free = time.time() - t0
-    res_ref = cluster(feats, k, cc, seed=seed, images=images, device="cpu")
-    return res.labels, res_ref.labels, t_free, t_free + res_ref.timings.get("refine_s", 0.0) + res_ref.timings["kmeans_s"]
+    t_embed = time.time() - t0
+    # one clustering, as the pipeline runs it: its K-means labels are the alignment-free stage's
+    res = cluster(feats, k, ClusterConfig.from_dict(run_cfg["cluster"]), seed=seed, images=images, device="cpu")
+    t_free = t_embed + res.timings["kmeans_s"]
+    return res.kmeans_labels, res.labels, t_free, time.time() - t0
 
 
 def refine_from_random(images, k, run_cfg: dict, seed: int):
-    """The same alignment refinement from random partitions, all K classes compared (no
-    embedding), restarts chosen by mean correlation, then the same split-and-merge moves and
-    maximum-likelihood iterations."""
-    from .align import PolarCache, PolarGrid, hard_em, soft_em, split_merge
-    from .cluster import ClusterConfig, likelihood_polish
+    """The same refinement (`cluster.refine_chain`: annealed EM, split-and-merge, ML2D stage)
+    from random partitions, all K classes compared in every pass (no embedding), the restart
+    with the highest final log-likelihood kept, as the default keeps its restarts."""
+    from .align import PolarCache, PolarGrid
+    from .cluster import ClusterConfig, refine_chain
 
-    cc = run_cfg["cluster"]
-    cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc["refine_angles"], max_shift=cc["refine_max_shift_px"]))
+    cc = ClusterConfig.from_dict(run_cfg["cluster"])
+    cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
     best = None
-    for r in range(cc["refine_restarts"]):
-        lab0 = np.random.default_rng([seed, r]).integers(0, k, len(images))
-        if cc["refine_method"] == "soft":
-            res = soft_em(cache, lab0, k, None, cc["refine_iterations"], cc["refine_anneal_iterations"], seed=seed + r)
-        else:
-            res = hard_em(cache, lab0, k, None, cc["refine_iterations"], seed=seed + r)
-        if best is None or res.objective > best.objective:
-            best = res
-    if cc.get("refine_split_merge", 0) > 0:
-        best = split_merge(cache, best, k, None, trials=cc["refine_split_merge"], rounds=cc["refine_split_merge_rounds"], seed=seed)
-    if cc.get("refine_ml_iterations", 0) > 0:
-        return likelihood_polish(images, best.alignment, k, ClusterConfig.from_dict(cc), seed).labels
-    return best.alignment.labels
+    for r in range(cc.refine_restarts):
+        res, ml = refine_chain(cache, images, np.random.default_rng([seed, r]).integers(0, k, len(images)), None, k, cc, seed, r)
+        key, labels = (ml.log_likelihood, ml.labels) if ml is not None else (res.objective, res.alignment.labels)
+        if best is None or key > best[0]:
+            best = (key, labels)
+    return best[1]
 
 
 def run_dataset(images, truth, refs, k, methods, run_cfg, seed, apix, ml2d_starts=3) -> list[dict]:

@@ -34,10 +34,10 @@ class ClusterConfig:
     refine_anneal_iterations: int = 8
     refine_full_every: int = 4
     refine_wide: int = 12
-    refine_restarts: int = 1
+    refine_restarts: int = 2
     refine_split_merge: int = 6
     refine_split_merge_rounds: int = 4
-    refine_ml_iterations: int = 20
+    refine_ml_iterations: int = 40
     refine_ml_max_shift_px: int = 3
     refine_max_shift_px: int = 2
     refine_angles: int = 64
@@ -54,7 +54,8 @@ class ClusterConfig:
 @dataclasses.dataclass
 class Clustering:
     """Per particle (input order): 0-based label, distance to its centroid, margin to the
-    second-nearest, K-means label before refinement, and the pose where refinement ran."""
+    second-nearest, K-means label before refinement, the pose where refinement ran, and the
+    ML2D posterior probability of its class where the ML2D stage ran."""
 
     labels: np.ndarray
     kmeans_labels: np.ndarray
@@ -64,6 +65,7 @@ class Clustering:
     angle_deg: np.ndarray | None = None
     shift_px: np.ndarray | None = None
     score: np.ndarray | None = None
+    probability: np.ndarray | None = None
     objective: float | None = None
     timings: dict = dataclasses.field(default_factory=dict)
 
@@ -163,20 +165,53 @@ def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: in
                   cache_bytes=cfg.cache_mb * 1e6, candidates=candidates)
 
 
+def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.ndarray, k: int, cfg: ClusterConfig,
+                 seed: int = 0, restart: int = 0, device="cpu"):
+    """One refinement from a starting partition labels0 (n,) with embedding candidates (n, m)
+    (None: every pass over all K classes):
+    annealed alignment EM (or hard EM), split-and-merge moves, then the ML2D stage from its
+    classes and poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
+    if cfg.refine_method == "soft":
+        res = soft_em(cache, labels0, k, candidates, cfg.refine_iterations, cfg.refine_anneal_iterations,
+                      seed=seed + restart, log=log.info, full_every=cfg.refine_full_every, top_m=cfg.candidates,
+                      wide=cfg.refine_wide)
+    else:
+        res = hard_em(cache, labels0, k, candidates, cfg.refine_iterations, seed=seed + restart, log=log.info)
+    res = dataclasses.replace(res, restart=restart)
+    log.info("restart %d: mean NCC %.4f after %d iterations", restart + 1, res.objective, len(res.history))
+    if cfg.refine_split_merge > 0:
+        res = split_merge(cache, res, k, candidates, trials=cfg.refine_split_merge, rounds=cfg.refine_split_merge_rounds,
+                          seed=seed, log=log.info)
+    if cfg.refine_ml_iterations <= 0:
+        return res, None
+    t = time.time()
+    a = res.alignment
+    # flat in K: each particle against its embedding candidates and the classes most similar to its own
+    ml_cand = (np.concatenate([similar_classes(res.refs, cfg.refine_wide)[a.labels], candidates], axis=1)
+               if 0 < cfg.refine_wide < k and candidates is not None else None)
+    ml = likelihood_polish(images, a, k, cfg, seed, device, candidates=ml_cand)
+    log.info("ML2D from the refined classes: log-likelihood %.1f after %d iterations, %.1f%% labels changed, %.1f s",
+             ml.log_likelihood, ml.n_iter, 100 * float((ml.labels != a.labels).mean()), time.time() - t)
+    return res, ml
+
+
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
             device: str = "auto") -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
-    array-like are given) alignment-based refinement with restarts from K-means runs of
-    different seeds; the restart with the best mean NCC is kept (no labels are used), then
-    split-and-merge moves are tried on it (`align.split_merge`), each kept only if the mean NCC rises.
+    array-like are given) alignment-based refinement (`refine_chain`: annealed EM, split-and-merge
+    moves each kept only if the mean NCC rises, ML2D iterations) from the K-means classes and,
+    with cfg.refine_restarts > 1, from K-means runs of other seeds; the restart with the highest
+    final ML2D log-likelihood (or mean NCC without that stage) is kept (no labels are used).
 
     Above `cfg.refine_subset` particles the refinement runs on a seeded random subset of that
     size, and every particle is then assigned, in one streamed alignment pass, to the refined
     class references (all K of them, or its `cfg.assign_candidates` nearest classes in embedding
     space): cost and memory of refinement fixed, of assignment linear in n. With
     `cfg.refine_ml_iterations` > 0 the refinement ends with ML2D iterations from its classes
-    (`ml2d.polish`), and that fitted model labels every particle (`ml2d.classify`, all K classes;
-    with `cfg.assign_candidates` > 0 the NCC pass over the nearest classes does instead)."""
+    (`ml2d.polish`), and that fitted model labels every particle (`ml2d.classify`; with
+    0 < `cfg.refine_wide` < K over its `cfg.candidates` nearest classes in embedding space and
+    the `refine_wide` classes most similar to the nearest, else all K; with
+    `cfg.assign_candidates` > 0 the NCC pass over the nearest classes does instead)."""
     t0 = time.time()
     cents = kmeans(features, k, cfg.n_init, seed, cfg.minibatch_above)
     labels, own, margin, near = assign(features, cents, cfg.candidates)
@@ -202,29 +237,19 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         else:
             c_r = kmeans(sub_feats, k, 1, seed + 1000 * r, cfg.minibatch_above)
             lab0, _, _, cand = assign(sub_feats, c_r, cfg.candidates)
-        if cfg.refine_method == "soft":
-            res = soft_em(cache, lab0, k, cand, cfg.refine_iterations, cfg.refine_anneal_iterations, seed=seed + r,
-                          log=log.info, full_every=cfg.refine_full_every, top_m=cfg.candidates, wide=cfg.refine_wide)
-        else:
-            res = hard_em(cache, lab0, k, cand, cfg.refine_iterations, seed=seed + r, log=log.info)
-        log.info("refinement restart %d: mean NCC %.4f after %d iterations", r + 1, res.objective, len(res.history))
-        if best is None or res.objective > best.objective:
-            best, best_cand = dataclasses.replace(res, restart=r), cand
-    log.info("refinement: best restart %d (mean NCC %.4f)", best.restart + 1, best.objective)
-    if cfg.refine_split_merge > 0:
-        best = split_merge(cache, best, k, best_cand, trials=cfg.refine_split_merge, rounds=cfg.refine_split_merge_rounds,
-                           seed=seed, log=log.info)
-    a, refs, ml = best.alignment, best.refs, None
-    if cfg.refine_ml_iterations > 0:
-        t_ml = time.time()
-        # flat in K: each particle against its embedding candidates and the classes most similar to its own
-        ml_cand = (np.concatenate([similar_classes(best.refs, cfg.refine_wide)[a.labels], best_cand], axis=1)
-                   if 0 < cfg.refine_wide < k else None)
-        ml = likelihood_polish(sub_images, a, k, cfg, seed, tdev, candidates=ml_cand)
-        log.info("ML2D from the refined classes: log-likelihood %.1f after %d iterations, %.1f%% labels changed, %.1f s",
-                 ml.log_likelihood, ml.n_iter, 100 * float((ml.labels != a.labels).mean()), time.time() - t_ml)
+        chain = refine_chain(cache, sub_images, lab0, cand, k, cfg, seed, r, tdev)
+        # the final ML2D log-likelihood ranks restarts where that stage runs (the mean NCC is flat at low SNR)
+        key = chain[1].log_likelihood if chain[1] is not None else chain[0].objective
+        log.info("refinement restart %d: %s %.4f", r + 1, "ML2D log-likelihood" if chain[1] is not None else "mean NCC", key)
+        if best is None or key > best_key:
+            best, best_key = chain, key
+    log.info("refinement: restart %d kept", best[0].restart + 1)
+    (best, ml), prob = best, None
+    a, refs = best.alignment, best.refs
+    if ml is not None:
         # labels from the likelihood; poses, scores and references in the refinement's polar frame
         a, refs, _ = align_all(cache, polar_references(ml.references, pg, tdev), ml.labels[:, None])
+        prob = ml.class_probability[np.arange(len(ml.labels)), ml.labels]
     del cache
     timings["refine_s"] = time.time() - t1
     log.info("refinement: mean NCC %.4f, %.1f s", float(a.score.mean()), timings["refine_s"])
@@ -233,8 +258,14 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         all_cache = PolarCache(images, pg, tdev, batch_size=cfg.batch_size, max_bytes=0)  # streamed
         if ml is not None and cfg.assign_candidates <= 0:
             # the fitted likelihood model labels every particle; one more pass gives poses and scores
-            cand = classify(images, ml, tdev)[0][:, None]
+            ml_cand = None
+            if 0 < cfg.refine_wide < k:  # flat in K: embedding neighbours and the classes most similar to the nearest
+                near = assign(features, class_means(sub_feats, ml.labels, k, cents), cfg.candidates)[3]
+                ml_cand = np.concatenate([near, similar_classes(refs, cfg.refine_wide)[near[:, 0]]], axis=1).astype(np.int32)
+            ml_labels, prob = classify(images, ml, tdev, candidates=ml_cand)[:2]
+            cand = ml_labels[:, None]
         else:
+            prob = None
             sub_cents = class_means(sub_feats, a.labels, k, cents)
             cand = None if cfg.assign_candidates <= 0 else assign(features, sub_cents, cfg.assign_candidates)[3]
         a = align_all(all_cache, refs, cand, accumulate=False)[0]
@@ -243,6 +274,6 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     final = class_means(features, a.labels, k, cents)
     _, own, margin, _ = assign(features, final, 1, labels=a.labels)
     result.labels, result.distance, result.margin, result.centroids = a.labels, own, margin, final
-    result.angle_deg, result.shift_px, result.score = a.angle_deg, a.shift_px, a.score
+    result.angle_deg, result.shift_px, result.score, result.probability = a.angle_deg, a.shift_px, a.score, prob
     result.objective = float(a.score.mean())
     return result

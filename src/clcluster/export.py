@@ -7,7 +7,8 @@ Columns written per particle (existing columns of the same name are replaced):
   flavour) or _rlnOriginX/_rlnOriginY (px of the input images; 3.0 flavour, no optics block),
   _rlnClclusterDistance, _rlnClclusterMargin (embedding distance to the own centroid and margin to
   the second nearest; RELION 3.1+ keeps unknown labels with a warning), _rlnClclusterScore (NCC
-  with the class average).
+  with the class average), _rlnClclusterClassProbability (the ML2D stage's posterior probability
+  of the assigned class, summed over poses; written where that stage ran).
 """
 from __future__ import annotations
 
@@ -337,7 +338,8 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
             in_apix = table.pixel_size()
             parts["rlnOriginX"], parts["rlnOriginY"] = ox_A / in_apix, oy_A / in_apix
     if cfg.clcluster_columns:
-        for col, key in (("rlnClclusterDistance", "distance"), ("rlnClclusterMargin", "margin")):
+        for col, key in (("rlnClclusterDistance", "distance"), ("rlnClclusterMargin", "margin"),
+                         ("rlnClclusterClassProbability", "probability")):
             if assignments.get(key) is not None:
                 parts[col] = np.asarray(assignments[key], dtype=np.float64)
         parts["rlnClclusterScore"] = np.asarray(poses.score, dtype=np.float64)

@@ -293,11 +293,13 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
                 seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates)
 
 
-def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None):
+def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None, candidates=None):
     """Assign images (n, D, D) array-like (NumPy, memory map, `data.ShardSet`; read batch by
     batch) with a fitted ML2D model (its references, class priors, noise sigma and shift prior
-    held fixed: one E-step). Returns labels (n,), their posterior probability (n,) float32,
-    rotation_deg (n,) and shift (n, 2) px of the most probable pose within the class."""
+    held fixed: one E-step). candidates (n, c) array-like: compare each image only with these
+    classes (cost N x c instead of N x K). Returns labels (n,), their posterior probability (n,)
+    float32 (over the candidates), rotation_deg (n,) and shift (n, 2) px of the most probable
+    pose within the class."""
     m = result.model
     dev = torch.device(device)
     fit = m["scan"]
@@ -308,11 +310,14 @@ def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = 
     n = len(images)
     lab, prob = np.empty(n, np.int64), np.empty(n, np.float32)
     rot_i, sh_i = np.empty(n, np.int64), np.empty(n, np.int64)
-    for sl in scan.batches(n, k, batch_size):
+    for sl in scan.batches(n, k if candidates is None else candidates.shape[1], batch_size):
         x = torch.as_tensor(np.asarray(images[sl], dtype=np.float32), device=dev)
-        Lp, g0, _ = _posterior(scan, scan.transform(x), wq, bias, x.shape[0], k)
-        cls_post = g0.sum(1)
-        p, lb = cls_post.max(1)
-        lab[sl], prob[sl] = lb.cpu().numpy(), p.cpu().numpy()
-        sh_i[sl], rot_i[sl] = _map_pose(Lp, lb, scan.n_rot)
+        if candidates is None:
+            Lp, g0, _ = _posterior(scan, scan.transform(x), wq, bias, x.shape[0], k)
+        else:
+            cand = torch.as_tensor(np.asarray(candidates[sl], dtype=np.int64), device=dev)
+            Lp, g0, _ = _posterior_sparse(scan, scan.transform(x), wq, bias, cand)
+        p, li = g0.sum(1).max(1)
+        sh_i[sl], rot_i[sl] = _map_pose(Lp, li, scan.n_rot)
+        lab[sl], prob[sl] = (li if candidates is None else cand.gather(1, li[:, None])[:, 0]).cpu().numpy(), p.cpu().numpy()
     return lab, prob, scan.rotation_deg(rot_i), scan.shift_px(sh_i)
