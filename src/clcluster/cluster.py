@@ -166,15 +166,15 @@ def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: in
 
 
 def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.ndarray, k: int, cfg: ClusterConfig,
-                 seed: int = 0, restart: int = 0, device="cpu"):
+                 seed: int = 0, restart: int = 0, device="cpu", every_pass_wide: bool = False):
     """One refinement from a starting partition labels0 (n,) with embedding candidates (n, m)
-    (None: every pass over all K classes):
-    annealed alignment EM (or hard EM), split-and-merge moves, then the ML2D stage from its
-    classes and poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
+    (None: every pass over all K classes): annealed alignment EM (or hard EM; every pass a wide
+    one with every_pass_wide), split-and-merge moves, then the ML2D stage from its classes and
+    poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
     if cfg.refine_method == "soft":
         res = soft_em(cache, labels0, k, candidates, cfg.refine_iterations, cfg.refine_anneal_iterations,
-                      seed=seed + restart, log=log.info, full_every=cfg.refine_full_every, top_m=cfg.candidates,
-                      wide=cfg.refine_wide)
+                      seed=seed + restart, log=log.info, full_every=1 if every_pass_wide else cfg.refine_full_every,
+                      top_m=cfg.candidates, wide=cfg.refine_wide)
     else:
         res = hard_em(cache, labels0, k, candidates, cfg.refine_iterations, seed=seed + restart, log=log.info)
     res = dataclasses.replace(res, restart=restart)
@@ -200,8 +200,10 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
     array-like are given) alignment-based refinement (`refine_chain`: annealed EM, split-and-merge
     moves each kept only if the mean NCC rises, ML2D iterations) from the K-means classes and,
-    with cfg.refine_restarts > 1, from K-means runs of other seeds; the restart with the highest
-    final ML2D log-likelihood (or mean NCC without that stage) is kept (no labels are used).
+    with cfg.refine_restarts > 1, from random partitions (every pass over the particle's
+    embedding neighbours and the `refine_wide` classes most similar to its own: all K when
+    K <= refine_wide); the restart with the highest final ML2D log-likelihood (or mean NCC
+    without that stage) is kept (no labels are used).
 
     Above `cfg.refine_subset` particles the refinement runs on a seeded random subset of that
     size, and every particle is then assigned, in one streamed alignment pass, to the refined
@@ -232,12 +234,10 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     cache = PolarCache(sub_images, pg, tdev, batch_size=cfg.batch_size, max_bytes=cfg.cache_mb * 1e6)
     best = None
     for r in range(cfg.refine_restarts):
-        if r == 0:
-            lab0, cand = labels[rows], near[rows]
-        else:
-            c_r = kmeans(sub_feats, k, 1, seed + 1000 * r, cfg.minibatch_above)
-            lab0, _, _, cand = assign(sub_feats, c_r, cfg.candidates)
-        chain = refine_chain(cache, sub_images, lab0, cand, k, cfg, seed, r, tdev)
+        # restart 1 from the embedding's K-means classes; the others from random partitions (unbiased
+        # where the embedding's clusters follow nuisances), every pass over the wide set of classes
+        lab0 = labels[rows] if r == 0 else np.random.default_rng([seed, r]).integers(0, k, len(rows))
+        chain = refine_chain(cache, sub_images, lab0, near[rows], k, cfg, seed, r, tdev, every_pass_wide=r > 0)
         # the final ML2D log-likelihood ranks restarts where that stage runs (the mean NCC is flat at low SNR)
         key = chain[1].log_likelihood if chain[1] is not None else chain[0].objective
         log.info("refinement restart %d: %s %.4f", r + 1, "ML2D log-likelihood" if chain[1] is not None else "mean NCC", key)
