@@ -210,10 +210,8 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     class references (all K of them, or its `cfg.assign_candidates` nearest classes in embedding
     space): cost and memory of refinement fixed, of assignment linear in n. With
     `cfg.refine_ml_iterations` > 0 the refinement ends with ML2D iterations from its classes
-    (`ml2d.polish`), and that fitted model labels every particle (`ml2d.classify`; with
-    0 < `cfg.refine_wide` < K over its `cfg.candidates` nearest classes in embedding space and
-    the `refine_wide` classes most similar to the nearest, else all K; with
-    `cfg.assign_candidates` > 0 the NCC pass over the nearest classes does instead)."""
+    (`ml2d.polish`), and that fitted model labels every particle (`ml2d.classify`, all K classes;
+    with `cfg.assign_candidates` > 0 the NCC pass over the nearest classes does instead)."""
     t0 = time.time()
     cents = kmeans(features, k, cfg.n_init, seed, cfg.minibatch_above)
     labels, own, margin, near = assign(features, cents, cfg.candidates)
@@ -258,11 +256,9 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         all_cache = PolarCache(images, pg, tdev, batch_size=cfg.batch_size, max_bytes=0)  # streamed
         if ml is not None and cfg.assign_candidates <= 0:
             # the fitted likelihood model labels every particle; one more pass gives poses and scores
-            ml_cand = None
-            if 0 < cfg.refine_wide < k:  # flat in K: embedding neighbours and the classes most similar to the nearest
-                near = assign(features, class_means(sub_feats, ml.labels, k, cents), cfg.candidates)[3]
-                ml_cand = np.concatenate([near, similar_classes(refs, cfg.refine_wide)[near[:, 0]]], axis=1).astype(np.int32)
-            ml_labels, prob = classify(images, ml, tdev, candidates=ml_cand)[:2]
+            # over all K: restricted to the embedding's nearest classes and their similar ones it
+            # lost 12 points at K=50 (README, Scale), where the embedding is weak
+            ml_labels, prob = classify(images, ml, tdev)[:2]
             cand = ml_labels[:, None]
         else:
             prob = None
