@@ -78,17 +78,17 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
     from random partitions, all K classes compared in every pass (no embedding), the restart
     with the highest final log-likelihood kept, as the default keeps its restarts."""
     from .align import PolarCache, PolarGrid
-    from .cluster import ClusterConfig, refine_chain
+    from .cluster import ClusterConfig, chain_objective, refine_chain
 
     cc = ClusterConfig.from_dict(run_cfg["cluster"])
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
     best = None
     for r in range(cc.refine_restarts):
-        res, ml = refine_chain(cache, images, np.random.default_rng([seed, r]).integers(0, k, len(images)), None, k, cc, seed, r)
-        key, labels = (ml.log_likelihood, ml.labels) if ml is not None else (res.objective, res.alignment.labels)
-        if best is None or key > best[0]:
-            best = (key, labels)
-    return best[1]
+        chain = refine_chain(cache, images, np.random.default_rng([seed, r]).integers(0, k, len(images)), None, k, cc, seed, r)
+        if best is None or chain_objective(*chain) > chain_objective(*best):
+            best = chain
+    res, ml = best
+    return ml.labels if ml is not None else res.alignment.labels
 
 
 def run_dataset(images, truth, refs, k, methods, run_cfg, seed, apix, ml2d_starts=3) -> list[dict]:

@@ -195,6 +195,12 @@ def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.
     return res, ml
 
 
+def chain_objective(res, ml) -> float:
+    """What ranks `refine_chain` results: the final ML2D log-likelihood where that stage ran (the
+    mean NCC is flat at low SNR), else the mean best NCC."""
+    return ml.log_likelihood if ml is not None else res.objective
+
+
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
             device: str = "auto") -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
@@ -236,14 +242,13 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         # where the embedding's clusters follow nuisances), every pass over the wide set of classes
         lab0 = labels[rows] if r == 0 else np.random.default_rng([seed, r]).integers(0, k, len(rows))
         chain = refine_chain(cache, sub_images, lab0, near[rows], k, cfg, seed, r, tdev, every_pass_wide=r > 0)
-        # the final ML2D log-likelihood ranks restarts where that stage runs (the mean NCC is flat at low SNR)
-        key = chain[1].log_likelihood if chain[1] is not None else chain[0].objective
+        key = chain_objective(*chain)
         log.info("refinement restart %d: %s %.4f", r + 1, "ML2D log-likelihood" if chain[1] is not None else "mean NCC", key)
-        if best is None or key > best_key:
-            best, best_key = chain, key
-    log.info("refinement: restart %d kept", best[0].restart + 1)
-    (best, ml), prob = best, None
-    a, refs = best.alignment, best.refs
+        if best is None or key > chain_objective(*best):
+            best = chain
+    res, ml = best
+    log.info("refinement: restart %d kept", res.restart + 1)
+    a, refs, prob = res.alignment, res.refs, None
     if ml is not None:
         # labels from the likelihood; poses, scores and references in the refinement's polar frame
         a, refs, _ = align_all(cache, polar_references(ml.references, pg, tdev), ml.labels[:, None])

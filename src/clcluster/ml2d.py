@@ -99,10 +99,20 @@ def _posterior(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: t
     # irfft along dim 0 returns the rotation axis innermost in memory; work on that layout
     Lp = L.permute(1, 2, 0).reshape(b, S, k, na)  # a view on CPU
     Lp += bias[None, :, :, None]
+    return _normalise(Lp)
+
+
+def _normalise(Lp: torch.Tensor, drop: torch.Tensor | None = None):
+    """Log-scores Lp (b, S, c, Na) → in place the posterior over (S, c, Na) of each image, with
+    its sum over rotations (b, S, c) and the log-evidence (b,); classes where drop (b, c) is
+    True get posterior 0."""
+    b = Lp.shape[0]
     mx = Lp.reshape(b, -1).amax(1).view(b, 1, 1, 1)
     # exp is slow below float32's normal range; posteriors under e^-87 are dropped to ~1e-38
     Lp.sub_(mx).clamp_(min=-87.0).exp_()
-    g0 = Lp.sum(dim=-1)  # (b, S, K)
+    if drop is not None:
+        Lp.masked_fill_(drop[:, None, :, None], 0.0)
+    g0 = Lp.sum(dim=-1)  # (b, S, c)
     z = g0.reshape(b, -1).sum(1)
     Lp.div_(z.view(b, 1, 1, 1))
     g0.div_(z.view(b, 1, 1))
@@ -124,14 +134,7 @@ def _posterior_sparse(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, 
     Lp = torch.fft.irfft(z, n=na, dim=1).permute(0, 2, 3, 1).contiguous()  # (b, S, c, Na)
     dup = (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)  # (b, c)
     Lp += (bias[:, cand].permute(1, 0, 2).masked_fill(dup[:, None, :], -torch.inf))[..., None]
-    mx = Lp.reshape(b, -1).amax(1).view(b, 1, 1, 1)
-    Lp.sub_(mx).clamp_(min=-87.0).exp_()
-    Lp.masked_fill_(dup[:, None, :, None], 0.0)
-    g0 = Lp.sum(dim=-1)
-    z = g0.reshape(b, -1).sum(1)
-    Lp.div_(z.view(b, 1, 1, 1))
-    g0.div_(z.view(b, 1, 1))
-    return Lp, g0, mx.view(b) + z.log()
+    return _normalise(Lp, drop=dup)
 
 
 def _back_project_sparse(scan: PolarScanner, Lp: torch.Tensor, spec: torch.Tensor, cand: torch.Tensor, num: torch.Tensor):
