@@ -76,14 +76,15 @@ def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
 def refine_from_random(images, k, run_cfg: dict, seed: int):
     """The same refinement (`cluster.refine_chain`: annealed EM, split-and-merge, ML2D stage)
     from random partitions, all K classes compared in every pass (no embedding), the restart
-    with the highest final log-likelihood kept, as the default keeps its restarts."""
+    with the highest final log-likelihood kept, as the default keeps its restarts; one start
+    and no split-and-merge above `cluster.refine_guards_max_k` classes, as the default."""
     from .align import PolarCache, PolarGrid
-    from .cluster import ClusterConfig, chain_objective, refine_chain
+    from .cluster import ClusterConfig, chain_objective, guards_apply, refine_chain
 
     cc = ClusterConfig.from_dict(run_cfg["cluster"])
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
     best = None
-    for r in range(cc.refine_restarts):
+    for r in range(cc.refine_restarts if guards_apply(k, cc) else 1):
         chain = refine_chain(cache, images, np.random.default_rng([seed, r]).integers(0, k, len(images)), None, k, cc, seed, r)
         if best is None or chain_objective(*chain) > chain_objective(*best):
             best = chain

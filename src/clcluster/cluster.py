@@ -37,6 +37,7 @@ class ClusterConfig:
     refine_restarts: int = 2
     refine_split_merge: int = 6
     refine_split_merge_rounds: int = 4
+    refine_guards_max_k: int = 12
     refine_ml_iterations: int = 40
     refine_ml_max_shift_px: int = 3
     refine_max_shift_px: int = 2
@@ -165,12 +166,19 @@ def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: in
                   cache_bytes=cfg.cache_mb * 1e6, candidates=candidates)
 
 
+def guards_apply(k: int, cfg: ClusterConfig) -> bool:
+    """Whether restarts and split-and-merge moves (the guards against local optima) run at K
+    classes: up to `cfg.refine_guards_max_k` (always when that is <= 0). Above it their cost
+    grows with K while at K=50 they bought nothing measurable (README, K=50 section)."""
+    return cfg.refine_guards_max_k <= 0 or k <= cfg.refine_guards_max_k
+
+
 def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.ndarray, k: int, cfg: ClusterConfig,
                  seed: int = 0, restart: int = 0, device="cpu", every_pass_wide: bool = False):
     """One refinement from a starting partition labels0 (n,) with embedding candidates (n, m)
     (None: every pass over all K classes): annealed alignment EM (or hard EM; every pass a wide
-    one with every_pass_wide), split-and-merge moves, then the ML2D stage from its classes and
-    poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
+    one with every_pass_wide), split-and-merge moves (where `guards_apply`), then the ML2D stage
+    from its classes and poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
     if cfg.refine_method == "soft":
         res = soft_em(cache, labels0, k, candidates, cfg.refine_iterations, cfg.refine_anneal_iterations,
                       seed=seed + restart, log=log.info, full_every=1 if every_pass_wide else cfg.refine_full_every,
@@ -179,7 +187,7 @@ def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.
         res = hard_em(cache, labels0, k, candidates, cfg.refine_iterations, seed=seed + restart, log=log.info)
     res = dataclasses.replace(res, restart=restart)
     log.info("restart %d: mean NCC %.4f after %d iterations", restart + 1, res.objective, len(res.history))
-    if cfg.refine_split_merge > 0:
+    if cfg.refine_split_merge > 0 and guards_apply(k, cfg):
         res = split_merge(cache, res, k, candidates, trials=cfg.refine_split_merge, rounds=cfg.refine_split_merge_rounds,
                           seed=seed, log=log.info)
     if cfg.refine_ml_iterations <= 0:
@@ -209,7 +217,8 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     with cfg.refine_restarts > 1, from random partitions (every pass over the particle's
     embedding neighbours and the `refine_wide` classes most similar to its own: all K when
     K <= refine_wide); the restart with the highest final ML2D log-likelihood (or mean NCC
-    without that stage) is kept (no labels are used).
+    without that stage) is kept (no labels are used). Restarts and split-and-merge moves run
+    only up to `cfg.refine_guards_max_k` classes (`guards_apply`).
 
     Above `cfg.refine_subset` particles the refinement runs on a seeded random subset of that
     size, and every particle is then assigned, in one streamed alignment pass, to the refined
@@ -237,7 +246,11 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         log.info("refinement on a random subset of %d of %d particles", len(rows), len(features))
     cache = PolarCache(sub_images, pg, tdev, batch_size=cfg.batch_size, max_bytes=cfg.cache_mb * 1e6)
     best = None
-    for r in range(cfg.refine_restarts):
+    restarts = cfg.refine_restarts if guards_apply(k, cfg) else 1
+    if restarts < cfg.refine_restarts:
+        log.info("K=%d > cluster.refine_guards_max_k=%d: one refinement from the K-means classes, no split-and-merge",
+                 k, cfg.refine_guards_max_k)
+    for r in range(restarts):
         # restart 1 from the embedding's K-means classes; the others from random partitions (unbiased
         # where the embedding's clusters follow nuisances), every pass over the wide set of classes
         lab0 = labels[rows] if r == 0 else np.random.default_rng([seed, r]).integers(0, k, len(rows))
