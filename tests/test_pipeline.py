@@ -34,6 +34,57 @@ def test_clustering_of_easy_set_far_above_chance(easy_sim, preprocessed_easy, tr
     assert np.median(res.probability) > 0.9
 
 
+def test_guards_run_only_up_to_their_class_count(monkeypatch, caplog, easy_sim, preprocessed_easy, trained):
+    """Above cluster.refine_guards_max_k classes: one refinement from the K-means classes and no
+    split-and-merge moves; at or below it, every restart and the moves."""
+    import logging
+
+    from clcluster import cluster as cluster_mod
+
+    enc, _ = trained
+    feats = embed_images(enc, preprocessed_easy)
+    starts, moves = [], []
+    real_chain, real_sm = cluster_mod.refine_chain, cluster_mod.split_merge
+    monkeypatch.setattr(cluster_mod, "refine_chain", lambda *a, **kw: starts.append(1) or real_chain(*a, **kw))
+    monkeypatch.setattr(cluster_mod, "split_merge", lambda *a, **kw: moves.append(1) or real_sm(*a, **kw))
+    cfg = dict(n_init=2, refine_restarts=2, refine_iterations=6, refine_ml_iterations=3, refine_split_merge_rounds=1)
+    with caplog.at_level(logging.INFO, logger="clcluster.cluster"):
+        cluster(feats, 4, ClusterConfig(refine_guards_max_k=3, **cfg), seed=0, images=preprocessed_easy, device="cpu")
+    assert len(starts) == 1 and not moves
+    assert "refine_guards_max_k=3" in caplog.text
+    cluster(feats, 4, ClusterConfig(refine_guards_max_k=4, **cfg), seed=0, images=preprocessed_easy, device="cpu")
+    assert len(starts) == 3 and len(moves) == 2
+    cluster(feats, 4, ClusterConfig(refine_guards_max_k=0, **cfg), seed=0, images=preprocessed_easy, device="cpu")
+    assert len(starts) == 5 and len(moves) == 4
+
+
+def test_ml_stage_compares_all_classes_unless_told(monkeypatch, preprocessed_easy):
+    """The ML2D stage of a refinement runs the exact E-step over all K by default, and a
+    truncated one (embedding neighbours + refine_ml_wide similar classes) when asked."""
+    from clcluster import cluster as cluster_mod
+    from clcluster.align import PolarCache, PolarGrid
+
+    seen, iters = [], []
+    real = cluster_mod.polish
+    monkeypatch.setattr(cluster_mod, "polish", lambda *a, **kw: seen.append(kw["candidates"]) or iters.append(kw["max_iter"]) or real(*a, **kw))
+    img = preprocessed_easy
+    rng = np.random.default_rng(0)
+    lab0, near = rng.integers(0, 4, len(img)), rng.integers(0, 4, (len(img), 2))
+    cache = PolarCache(img, PolarGrid(img.shape[-1], n_angles=32, max_shift=1))
+    cfg = dict(refine_iterations=4, refine_anneal_iterations=2, refine_split_merge=0, refine_ml_iterations=2, refine_wide=2)
+    for ml_wide in (0, 2):
+        cluster_mod.refine_chain(cache, img, lab0, near, 4, ClusterConfig(refine_ml_wide=ml_wide, **cfg))
+    assert seen[0] is None
+    assert seen[1].shape == (len(img), 2 + 2)
+    assert iters == [2, 2]
+    # the cost cap: iterations x classes compared <= refine_ml_budget
+    cluster_mod.refine_chain(cache, img, lab0, near, 4, ClusterConfig(refine_ml_budget=6, **cfg))
+    cluster_mod.refine_chain(cache, img, lab0, near, 4, ClusterConfig(refine_ml_budget=6, refine_ml_wide=1, **cfg))
+    assert iters[2:] == [1, 2]  # 6 // 4 classes; 6 // (1 similar + 2 neighbours)
+    assert cluster_mod.ml_iterations(50, ClusterConfig()) == 8 and cluster_mod.ml_iterations(10, ClusterConfig()) == 40
+    assert cluster_mod.ml_iterations(50, ClusterConfig(refine_ml_budget=0)) == 40
+
+
 def test_encoder_alone_beats_chance(easy_sim, preprocessed_easy, trained):
     cfg, sim = easy_sim
     enc, _ = trained

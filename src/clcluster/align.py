@@ -212,13 +212,17 @@ def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.n
         flat = logits.reshape(b, -1)
         resp = torch.softmax(flat, dim=1).reshape(corr.shape)  # (b, S, kk, A)
         wf = torch.fft.rfft(resp, dim=-1)  # (b, S, kk, F)
-        contrib = torch.einsum("bskf,bsrf->bkrf", wf.conj(), pf)  # (b, kk, R, F)
         wk = resp.sum(dim=(1, 3))  # (b, kk)
         if cand is not None:
+            # sum over shifts of conj(W) P: one small matrix product per (particle, frequency)
+            contrib = torch.matmul(wf.conj().permute(0, 3, 2, 1), pf.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (b, kk, R, F)
             sums.index_add_(0, cand.reshape(-1), contrib.reshape(b * kk, pg.n_radii, -1))
             weights.index_add_(0, cand.reshape(-1), wk.reshape(-1))
         else:
-            sums += contrib.sum(0)
+            # every particle against every class: sum over particles and shifts in one product per frequency
+            f = wf.shape[-1]
+            sums += torch.matmul(wf.conj().permute(3, 2, 0, 1).reshape(f, kk, -1),
+                                 pf.permute(3, 0, 1, 2).reshape(f, -1, pg.n_radii)).permute(1, 2, 0)
             weights += wk.sum(0)
         # most probable pose, for the hard labels and the objective
         cls, score, rot, off, second, best_over_pose = best_pose(corr, cand)

@@ -39,6 +39,8 @@ class ClusterConfig:
     refine_split_merge_rounds: int = 4
     refine_guards_max_k: int = 12
     refine_ml_iterations: int = 40
+    refine_ml_wide: int = 0
+    refine_ml_budget: int = 400
     refine_ml_max_shift_px: int = 3
     refine_max_shift_px: int = 2
     refine_angles: int = 64
@@ -157,11 +159,21 @@ def class_means(features, labels: np.ndarray, k: int, fallback: np.ndarray, chun
     return out.astype(np.float32)
 
 
+def ml_iterations(k: int, cfg: ClusterConfig, compared: int | None = None) -> int:
+    """The ML2D stage's iteration cap: `cfg.refine_ml_iterations`, and at most
+    `cfg.refine_ml_budget` / (classes compared per particle: K, or `compared`), at least 1, so
+    that the stage costs at most N x budget class comparisons whatever K (budget <= 0: no cap)."""
+    if cfg.refine_ml_budget <= 0:
+        return cfg.refine_ml_iterations
+    return min(cfg.refine_ml_iterations, max(1, cfg.refine_ml_budget // max(1, compared or k)))
+
+
 def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: int = 0, device="cpu",
                       candidates: np.ndarray | None = None) -> ML2DResult:
-    """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it; candidates (n, c):
-    the classes each particle is compared with (None: all K)."""
-    return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=cfg.refine_ml_iterations,
+    """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it (`ml_iterations`);
+    candidates (n, c): the classes each particle is compared with (None: all K)."""
+    max_iter = ml_iterations(k, cfg, None if candidates is None else candidates.shape[1])
+    return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=max_iter,
                   n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
                   cache_bytes=cfg.cache_mb * 1e6, candidates=candidates)
 
@@ -194,9 +206,11 @@ def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.
         return res, None
     t = time.time()
     a = res.alignment
-    # flat in K: each particle against its embedding candidates and the classes most similar to its own
-    ml_cand = (np.concatenate([similar_classes(res.refs, cfg.refine_wide)[a.labels], candidates], axis=1)
-               if 0 < cfg.refine_wide < k and candidates is not None else None)
+    # all K classes (the exact E-step), or, with refine_ml_wide, each particle against its embedding
+    # candidates and the classes most similar to its own (truncated: flat in K, less accurate)
+    w = cfg.refine_ml_wide
+    ml_cand = (np.concatenate([similar_classes(res.refs, w)[a.labels], candidates], axis=1)
+               if 0 < w < k and candidates is not None else None)
     ml = likelihood_polish(images, a, k, cfg, seed, device, candidates=ml_cand)
     log.info("ML2D from the refined classes: log-likelihood %.1f after %d iterations, %.1f%% labels changed, %.1f s",
              ml.log_likelihood, ml.n_iter, 100 * float((ml.labels != a.labels).mean()), time.time() - t)

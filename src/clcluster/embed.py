@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def embed_images(encoder, images, batch_size: int = 512, device="cpu") -> np.ndarray:
+def embed_images(encoder, images, batch_size: int = 128, device="cpu") -> np.ndarray:
     """Features (n, d) float32, L2-normalised, of images (n, box, box) (array-like, read in batches)."""
     out = []
     for s in range(0, len(images), batch_size):
@@ -27,7 +27,7 @@ def embed_images(encoder, images, batch_size: int = 512, device="cpu") -> np.nda
     return np.concatenate(out) if out else np.zeros((0, d), np.float32)
 
 
-def embed_shard(encoder_path, shard_npy, out_path, batch_size: int = 512, device: str = "auto", threads: int = 0) -> int:
+def embed_shard(encoder_path, shard_npy, out_path, batch_size: int = 128, device: str = "auto", threads: int = 0) -> int:
     """Embed one preprocessed shard into `out_path` (.npy float32 (n, d)). Returns n."""
     from .train import load_encoder
 
