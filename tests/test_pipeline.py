@@ -38,6 +38,7 @@ def test_guards_run_only_up_to_their_class_count(monkeypatch, caplog, easy_sim, 
     """Above cluster.refine_guards_max_k classes: one refinement from the K-means classes and no
     split-and-merge moves; at or below it, every restart and the moves."""
     import logging
+    import re
 
     from clcluster import cluster as cluster_mod
 
@@ -51,11 +52,16 @@ def test_guards_run_only_up_to_their_class_count(monkeypatch, caplog, easy_sim, 
     with caplog.at_level(logging.INFO, logger="clcluster.cluster"):
         cluster(feats, 4, ClusterConfig(refine_guards_max_k=3, **cfg), seed=0, images=preprocessed_easy, device="cpu")
     assert len(starts) == 1 and not moves
-    assert "refine_guards_max_k=3" in caplog.text
+    assert "refine_guards_max_k=3" in caplog.text and "at most 6 annealed EM passes" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clcluster.cluster"):
+        cluster(feats, 4, ClusterConfig(refine_guards_max_k=3, refine_lean_iterations=3, **cfg), seed=0, images=preprocessed_easy, device="cpu")
+    assert len(starts) == 2 and re.search(r"restart 1: mean NCC \S+ after 3 iterations", caplog.text)  # lean EM: 3 passes
+    starts.clear()
     cluster(feats, 4, ClusterConfig(refine_guards_max_k=4, **cfg), seed=0, images=preprocessed_easy, device="cpu")
-    assert len(starts) == 3 and len(moves) == 2
+    assert len(starts) == 2 and len(moves) == 2
     cluster(feats, 4, ClusterConfig(refine_guards_max_k=0, **cfg), seed=0, images=preprocessed_easy, device="cpu")
-    assert len(starts) == 5 and len(moves) == 4
+    assert len(starts) == 4 and len(moves) == 4
 
 
 def test_ml_stage_compares_all_classes_unless_told(monkeypatch, preprocessed_easy):

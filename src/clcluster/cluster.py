@@ -38,6 +38,7 @@ class ClusterConfig:
     refine_split_merge: int = 6
     refine_split_merge_rounds: int = 4
     refine_guards_max_k: int = 12
+    refine_lean_iterations: int = 15
     refine_ml_iterations: int = 40
     refine_ml_wide: int = 0
     refine_ml_budget: int = 400
@@ -189,14 +190,17 @@ def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.
                  seed: int = 0, restart: int = 0, device="cpu", every_pass_wide: bool = False):
     """One refinement from a starting partition labels0 (n,) with embedding candidates (n, m)
     (None: every pass over all K classes): annealed alignment EM (or hard EM; every pass a wide
-    one with every_pass_wide), split-and-merge moves (where `guards_apply`), then the ML2D stage
-    from its classes and poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
+    one with every_pass_wide; at most `refine_lean_iterations` passes where the guards do not
+    apply), split-and-merge moves (where `guards_apply`), then the ML2D stage from its classes
+    and poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
+    # without the guards the annealed EM only seeds the ML2D stage: fewer passes (README, K=50)
+    iterations = cfg.refine_iterations if guards_apply(k, cfg) else min(cfg.refine_iterations, cfg.refine_lean_iterations)
     if cfg.refine_method == "soft":
-        res = soft_em(cache, labels0, k, candidates, cfg.refine_iterations, cfg.refine_anneal_iterations,
+        res = soft_em(cache, labels0, k, candidates, iterations, cfg.refine_anneal_iterations,
                       seed=seed + restart, log=log.info, full_every=1 if every_pass_wide else cfg.refine_full_every,
                       top_m=cfg.candidates, wide=cfg.refine_wide)
     else:
-        res = hard_em(cache, labels0, k, candidates, cfg.refine_iterations, seed=seed + restart, log=log.info)
+        res = hard_em(cache, labels0, k, candidates, iterations, seed=seed + restart, log=log.info)
     res = dataclasses.replace(res, restart=restart)
     log.info("restart %d: mean NCC %.4f after %d iterations", restart + 1, res.objective, len(res.history))
     if cfg.refine_split_merge > 0 and guards_apply(k, cfg):
@@ -262,8 +266,8 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     best = None
     restarts = cfg.refine_restarts if guards_apply(k, cfg) else 1
     if restarts < cfg.refine_restarts:
-        log.info("K=%d > cluster.refine_guards_max_k=%d: one refinement from the K-means classes, no split-and-merge",
-                 k, cfg.refine_guards_max_k)
+        log.info("K=%d > cluster.refine_guards_max_k=%d: one refinement from the K-means classes, no split-and-merge, "
+                 "at most %d annealed EM passes", k, cfg.refine_guards_max_k, min(cfg.refine_iterations, cfg.refine_lean_iterations))
     for r in range(restarts):
         # restart 1 from the embedding's K-means classes; the others from random partitions (unbiased
         # where the embedding's clusters follow nuisances), every pass over the wide set of classes
