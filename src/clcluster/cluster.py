@@ -41,7 +41,7 @@ class ClusterConfig:
     refine_lean_iterations: int = 15
     refine_ml_iterations: int = 40
     refine_ml_wide: int = 0
-    refine_ml_budget: int = 400
+    refine_ml_budget: int = 350
     refine_ml_max_shift_px: int = 3
     refine_max_shift_px: int = 2
     refine_angles: int = 64
