@@ -54,18 +54,25 @@ def prepare(images, ctf, apix, pp_cfg):
                            for s in range(0, len(images), 512)]).astype(np.float32)
 
 
+def embed_stack(images, run_cfg: dict, seed: int, workdir: Path, apix: float) -> np.ndarray:
+    """The pipeline's train → embed on preprocessed images (n, D, D) (stored as float16, as the
+    shards are): L2-normalised features (n, d)."""
+    from .embed import embed_images
+    from .train import TrainConfig, load_encoder, train
+
+    np.save(workdir / "shard.npy", images.astype(np.float16))
+    train([workdir / "shard.npy"], workdir / "encoder.pt", TrainConfig.from_dict(run_cfg["train"]), seed=seed, device="cpu", apix=apix)
+    enc, _ = load_encoder(workdir / "encoder.pt")
+    return embed_images(enc, images.astype(np.float16).astype(np.float32), run_cfg.get("embed", {}).get("batch_size", 128))
+
+
 def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
     """The pipeline's own train → embed → cluster on preprocessed images; returns
     (alignment-free labels, refined labels, seconds of the alignment-free stage, total seconds)."""
     from .cluster import ClusterConfig, cluster
-    from .embed import embed_images
-    from .train import TrainConfig, load_encoder, train
 
     t0 = time.time()
-    np.save(workdir / "shard.npy", images.astype(np.float16))
-    train([workdir / "shard.npy"], workdir / "encoder.pt", TrainConfig.from_dict(run_cfg["train"]), seed=seed, device="cpu", apix=apix)
-    enc, _ = load_encoder(workdir / "encoder.pt")
-    feats = embed_images(enc, images.astype(np.float16).astype(np.float32))
+    feats = embed_stack(images, run_cfg, seed, workdir, apix)
     t_embed = time.time() - t0
     # one clustering, as the pipeline runs it: its K-means labels are the alignment-free stage's
     res = cluster(feats, k, ClusterConfig.from_dict(run_cfg["cluster"]), seed=seed, images=images, device="cpu")
