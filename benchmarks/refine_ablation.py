@@ -24,11 +24,11 @@ from pathlib import Path
 import yaml
 
 from clcluster.align import PolarCache, PolarGrid
-from clcluster.benchmark import embed_stack, prepare, volume_setup
+from clcluster.benchmark import embed_stack, prepare, stack_config
 from clcluster.cluster import ClusterConfig, assign, kmeans, refine_chain
 from clcluster.metrics import hungarian_accuracy
 from clcluster.preprocess import PreprocessConfig
-from clcluster.simulate import SimulationConfig, add_noise, simulate_clean
+from clcluster.simulate import add_noise, simulate_clean
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cfg = yaml.safe_load(Path(args.config).read_text())
-    sc = SimulationConfig(views=args.views, images_per_view=args.images_per_view, box=64, seed=0,
-                          min_separation_deg=30.0 if args.views <= 12 else 12.0, **volume_setup(args.volume, args.ribosome))
+    sc = stack_config(args.volume, args.views, args.images_per_view, 64, 0, args.ribosome)
     clean = simulate_clean(sc)
     sim = add_noise(clean, args.snr, 0)
     pp = PreprocessConfig.from_dict(cfg["preprocess"])

@@ -47,6 +47,15 @@ def volume_setup(spec: str, ribosome_path: str | None) -> dict:
     return {"volumes": (spec,), "apix": 2.5}
 
 
+def stack_config(spec: str, views: int, images_per_view: int, box: int, seed: int, ribosome_path: str | None):
+    """The benchmark's simulation of one volume: views at least 30 degrees apart up to 12 views,
+    12 degrees above (more cannot be placed that far apart)."""
+    from .simulate import SimulationConfig
+
+    return SimulationConfig(views=views, images_per_view=images_per_view, box=box, seed=seed,
+                            min_separation_deg=30.0 if views <= 12 else 12.0, **volume_setup(spec, ribosome_path))
+
+
 def prepare(images, ctf, apix, pp_cfg):
     from .preprocess import preprocess_batch
 
@@ -86,12 +95,12 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
     with the highest final log-likelihood kept, as the default keeps its restarts; one start
     and no split-and-merge above `cluster.refine_guards_max_k` classes, as the default."""
     from .align import PolarCache, PolarGrid
-    from .cluster import ClusterConfig, chain_objective, guards_apply, refine_chain
+    from .cluster import ClusterConfig, chain_objective, refine_chain, refine_restarts
 
     cc = ClusterConfig.from_dict(run_cfg["cluster"])
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
     best = None
-    for r in range(cc.refine_restarts if guards_apply(k, cc) else 1):
+    for r in range(refine_restarts(k, cc)):
         chain = refine_chain(cache, images, np.random.default_rng([seed, r]).integers(0, k, len(images)), None, k, cc, seed, r)
         if best is None or chain_objective(*chain) > chain_objective(*best):
             best = chain
@@ -137,14 +146,13 @@ def run_benchmark(bc: BenchmarkConfig, run_cfg: dict, out_dir, ribosome_path: st
     results.csv, results.md and accuracy_vs_snr.png into out_dir."""
     from .imageops import fourier_crop, normalise_background
     from .preprocess import PreprocessConfig
-    from .simulate import SimulationConfig, add_noise, simulate_clean
+    from .simulate import add_noise, simulate_clean
 
     out_dir = Path(out_dir)
     pp = PreprocessConfig.from_dict(run_cfg["preprocess"])
     rows = []
     for vol in bc.volumes:
-        sc = SimulationConfig(views=bc.views, images_per_view=bc.images_per_view, box=bc.box, seed=bc.seed,
-                              min_separation_deg=30.0 if bc.views <= 12 else 12.0, **volume_setup(vol, ribosome_path))
+        sc = stack_config(vol, bc.views, bc.images_per_view, bc.box, bc.seed, ribosome_path)
         clean = simulate_clean(sc)
         refs = normalise_background(fourier_crop(clean.projections, pp.box), pp.bg_radius())
         truth = clean.truth["class"].to_numpy()

@@ -186,6 +186,18 @@ def guards_apply(k: int, cfg: ClusterConfig) -> bool:
     return cfg.refine_guards_max_k <= 0 or k <= cfg.refine_guards_max_k
 
 
+def refine_restarts(k: int, cfg: ClusterConfig) -> int:
+    """Refinements run at K classes: `cfg.refine_restarts` where the guards apply, else one."""
+    return cfg.refine_restarts if guards_apply(k, cfg) else 1
+
+
+def annealed_passes(k: int, cfg: ClusterConfig) -> int:
+    """Most annealed EM passes at K classes: `cfg.refine_iterations`, at most
+    `cfg.refine_lean_iterations` where the guards do not apply (the EM then only seeds the ML2D
+    stage; README, K=50)."""
+    return cfg.refine_iterations if guards_apply(k, cfg) else min(cfg.refine_iterations, cfg.refine_lean_iterations)
+
+
 def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.ndarray, k: int, cfg: ClusterConfig,
                  seed: int = 0, restart: int = 0, device="cpu", every_pass_wide: bool = False):
     """One refinement from a starting partition labels0 (n,) with embedding candidates (n, m)
@@ -193,8 +205,7 @@ def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.
     one with every_pass_wide; at most `refine_lean_iterations` passes where the guards do not
     apply), split-and-merge moves (where `guards_apply`), then the ML2D stage from its classes
     and poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
-    # without the guards the annealed EM only seeds the ML2D stage: fewer passes (README, K=50)
-    iterations = cfg.refine_iterations if guards_apply(k, cfg) else min(cfg.refine_iterations, cfg.refine_lean_iterations)
+    iterations = annealed_passes(k, cfg)
     if cfg.refine_method == "soft":
         res = soft_em(cache, labels0, k, candidates, iterations, cfg.refine_anneal_iterations,
                       seed=seed + restart, log=log.info, full_every=1 if every_pass_wide else cfg.refine_full_every,
@@ -264,10 +275,10 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         log.info("refinement on a random subset of %d of %d particles", len(rows), len(features))
     cache = PolarCache(sub_images, pg, tdev, batch_size=cfg.batch_size, max_bytes=cfg.cache_mb * 1e6)
     best = None
-    restarts = cfg.refine_restarts if guards_apply(k, cfg) else 1
-    if restarts < cfg.refine_restarts:
+    restarts = refine_restarts(k, cfg)
+    if not guards_apply(k, cfg):
         log.info("K=%d > cluster.refine_guards_max_k=%d: one refinement from the K-means classes, no split-and-merge, "
-                 "at most %d annealed EM passes", k, cfg.refine_guards_max_k, min(cfg.refine_iterations, cfg.refine_lean_iterations))
+                 "at most %d annealed EM passes", k, cfg.refine_guards_max_k, annealed_passes(k, cfg))
     for r in range(restarts):
         # restart 1 from the embedding's K-means classes; the others from random partitions (unbiased
         # where the embedding's clusters follow nuisances), every pass over the wide set of classes
