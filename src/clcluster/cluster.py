@@ -23,30 +23,33 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ClusterConfig:
-    """See config.schema.yaml `cluster:`."""
+    """The cluster step's settings. Fields the run configuration sets are described in
+    config.schema.yaml `cluster:` (same defaults; tests/test_config.py fails on drift). The fields
+    marked "schedule" are the refinement's inner schedule: fixed constants the run configuration
+    cannot set (the schema refuses them), kept as fields so that tests and ablations can vary them."""
 
     n_init: int = 10
     minibatch_above: int = 200_000
     candidates: int = 3
     refine: bool = True
-    refine_method: str = "soft"
+    refine_method: str = "soft"  # schedule: soft = annealed EM over classes, shifts, rotations; hard = best match only
     refine_iterations: int = 25
-    refine_anneal_iterations: int = 8
-    refine_full_every: int = 4
-    refine_wide: int = 12
+    refine_anneal_iterations: int = 8  # schedule: passes over which the inverse temperature rises to its white-noise value
+    refine_full_every: int = 4  # schedule: every N-th pass is wide and adds each particle's best `candidates` classes
+    refine_wide: int = 12  # schedule: classes a wide pass compares (those most like the particle's own; 0 = all K)
     refine_restarts: int = 2
-    refine_split_merge: int = 6
-    refine_split_merge_rounds: int = 4
+    refine_split_merge: int = 6  # schedule: split-and-merge moves tried per round on the best restart (0 = off)
+    refine_split_merge_rounds: int = 4  # schedule: rounds of those moves (stops at the first with none kept)
     refine_guards_max_k: int = 12
-    refine_lean_iterations: int = 15
+    refine_lean_iterations: int = 15  # schedule: annealed EM passes (at most) above refine_guards_max_k classes
     refine_ml_iterations: int = 40
-    refine_ml_wide: int = 0
+    refine_ml_wide: int = 0  # schedule: 0 = ML2D stage over all K classes (exact E-step); > 0 = truncated E-step
     refine_ml_budget: int = 350
-    refine_ml_max_shift_px: int = 3
+    refine_ml_max_shift_px: int = 3  # schedule: ML2D stage translation search radius (working-box px)
     refine_max_shift_px: int = 2
     refine_angles: int = 64
     refine_subset: int = 20_000
-    assign_candidates: int = 0
+    assign_candidates: int = 0  # schedule: classes compared per particle in the final assignment pass (0 = all K)
     cache_mb: int = 2000
     batch_size: int = 512
 

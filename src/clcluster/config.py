@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 from pathlib import Path
 
 import yaml
@@ -24,10 +25,35 @@ def _fill(node: dict, data: dict) -> dict:
     return data
 
 
+def unknown_keys(cfg: dict, node: dict | None = None, prefix: str = "") -> list[str]:
+    """One message per key of `cfg` that the schema does not define, naming the closest valid key
+    (difflib) where one is close, e.g. "cluster.refine_restart (did you mean cluster.refine_restarts?)"."""
+    node = schema() if node is None else node
+    props = node.get("properties", {})
+    problems = []
+    for key, value in (cfg or {}).items():
+        if key not in props:
+            close = difflib.get_close_matches(str(key), list(props), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid keys here: {', '.join(props)})"
+            problems.append(f"{prefix}{key}{hint}")
+        elif props[key].get("type") == "object" and isinstance(value, dict):
+            problems += unknown_keys(value, props[key], f"{prefix}{key}.")
+    return problems
+
+
+def reject_unknown_keys(cfg: dict) -> None:
+    """Raise ValueError naming every key of `cfg` the schema does not define (a typo would
+    otherwise leave the intended key at its default without a word)."""
+    problems = unknown_keys(cfg)
+    if problems:
+        raise ValueError("unknown configuration key" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems))
+
+
 def with_defaults(cfg: dict | None) -> dict:
-    """A validated copy of `cfg` with every schema default filled in."""
+    """A validated copy of `cfg` with every schema default filled in; unknown keys are refused."""
     import jsonschema
 
+    reject_unknown_keys(cfg or {})
     data = _fill(schema(), copy.deepcopy(cfg or {}))
     try:
         jsonschema.validate(data, schema())

@@ -31,7 +31,7 @@ class PreprocessConfig:
     ctf: str = "phase_flip"
     wiener_snr: float = 0.1
     bg_radius_px: float = -1
-    bg_radius_A: float = 0.0  # > 0: background radius in Å (of the working pixel size), overrides bg_radius_px
+    bg_radius_A: float = -1.0  # > 0: background radius in Å (of the working pixel size), overrides bg_radius_px
     lowpass_A: float = 0.0
     mask_radius_px: float = -1
     whiten: bool = False

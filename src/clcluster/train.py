@@ -53,7 +53,7 @@ class TrainConfig:
     """See config.schema.yaml `train:`."""
 
     encoder: str = "polar"
-    steps: int = 300
+    steps: int = 20
     batch_size: int = 128
     lr: float = 1e-3
     temperature: float = 0.2
