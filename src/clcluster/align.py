@@ -17,6 +17,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .rng import SPLIT_MERGE_OFFSET
+
+# An EM pass that changes fewer than this fraction of the labels has converged (0.2 %: the
+# labels of a few particles in a thousand flip back and forth between passes).
+CONVERGED_FRACTION = 0.002
+# Floor of a class's prior weight in the annealed EM, so that an emptied class can be refilled
+# (log(0) would exclude it for good).
+MIN_CLASS_WEIGHT = 1e-4
+# A split class's two references are its reference -/+ this many of its standard deviations of
+# white noise: enough to break the tie, small against the reference.
+SPLIT_PERTURBATION = 0.1
+# An empty class in hard EM is re-seeded with the mean of this many of the worst-fitting particles.
+DONORS_PER_EMPTY_CLASS = 5
+# Score elements (rotations x shifts x classes x images) of one batch when no batch size is
+# given: about 16 MB of float32, which keeps the scan in cache-friendly pieces on CPU and GPU.
+SCORE_BATCH_ELEMENTS = 4e6
+
 
 @dataclasses.dataclass
 class PolarGrid:
@@ -288,14 +305,14 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
         res, refs, weights, top = soft_align_all(cache, refs, cand_it, beta, log_prior, top_m if full and candidates is not None else 0)
         if top is not None:
             recent_top = top
-        log_prior = torch.log((weights / weights.sum()).clamp_min(1e-4))
+        log_prior = torch.log((weights / weights.sum()).clamp_min(MIN_CLASS_WEIGHT))
         c = float(res.score.mean())
         history.append(c)
         changed = float((res.labels != labels).mean())
         labels = res.labels
         if log:
             log(f"  iteration {it + 1}{' (all classes)' if full else ''}: beta {beta:.0f}, mean NCC {c:.4f}, {changed:.1%} labels changed")
-        if it + 1 >= anneal_iterations and changed < 0.002:
+        if it + 1 >= anneal_iterations and changed < CONVERGED_FRACTION:
             break
     return RefineResult(res, history[-1], history, 0, refs)
 
@@ -372,7 +389,7 @@ def split_merge(cache: PolarCache, best: RefineResult, k: int, candidates: np.nd
     minus a small random perturbation), then runs `iterations` EM passes at the full inverse
     temperature from those references; it is kept only if the mean best NCC (the refinement's
     objective) rises. Up to `trials` moves a round (`split_merge_moves`), `rounds` rounds."""
-    g = torch.Generator().manual_seed(seed + 77)
+    g = torch.Generator().manual_seed(seed + SPLIT_MERGE_OFFSET)
     for rnd in range(rounds):
         a, refs = best.alignment, best.refs
         counts = np.bincount(a.labels, minlength=k)
@@ -382,7 +399,7 @@ def split_merge(cache: PolarCache, best: RefineResult, k: int, candidates: np.nd
             if i >= 0:
                 wi, wj = float(counts[i]), float(counts[j])
                 new[i] = (wi * refs[i] + wj * rotate_polar_to(refs[j], refs[i])) / max(wi + wj, 1.0)
-            delta = 0.1 * refs[l].std() * torch.randn(refs[l].shape, generator=g).to(refs.device)
+            delta = SPLIT_PERTURBATION * refs[l].std() * torch.randn(refs[l].shape, generator=g).to(refs.device)
             new[l], new[j] = refs[l] + delta, refs[l] - delta
             if candidates is None:
                 cand = None
@@ -447,14 +464,14 @@ def hard_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
         labels = res.labels
         empty = np.flatnonzero(counts == 0)
         if empty.size:
-            worst = np.argsort(res.score)[: empty.size * 5]
+            worst = np.argsort(res.score)[: empty.size * DONORS_PER_EMPTY_CLASS]
             for j, e in enumerate(empty):
-                donors = worst[j * 5:(j + 1) * 5]
+                donors = worst[j * DONORS_PER_EMPTY_CLASS:(j + 1) * DONORS_PER_EMPTY_CLASS]
                 new_refs[e] = class_polar_means_subset(cache, donors)
         refs = new_refs
         if log:
             log(f"  iteration {it + 1}: mean NCC {history[-1]:.4f}, {changed:.1%} labels changed")
-        if changed < 0.002 and it > 0:
+        if changed < CONVERGED_FRACTION and it > 0:
             break
     return RefineResult(res, history[-1], history, 0, refs)
 
@@ -617,7 +634,7 @@ class PolarScanner:
         """(dx, dy) px of shift indices, (n, 2)."""
         return self.shifts[np.asarray(s_index)]
 
-    def batches(self, n: int, k: int, batch_size: int | None, budget: float = 4e6):
+    def batches(self, n: int, k: int, batch_size: int | None, budget: float = SCORE_BATCH_ELEMENTS):
         """Slices over n images, sized so that one batch's score array (Na*b*S*K) stays near `budget`."""
         if batch_size is None:
             batch_size = max(1, int(budget // (self.n_rot * self.n_shifts * max(k, 1))))

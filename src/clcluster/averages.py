@@ -27,6 +27,7 @@ from .align import PolarCache, PolarGrid, align_all, class_polar_means, polar_tr
 from .ctf import CTF_LABELS, CTFParams, ctf_2d
 from .imageops import circular_mask, normalise_background
 from .io.mrc import read_images
+from .rng import HALF_SETS_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def half_set_resolution(halves: np.ndarray, apix: float, threshold: float = 0.14
 def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     """A random half (0 or 1) per particle, balanced within each class."""
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed + 4242)
+    rng = np.random.default_rng(seed + HALF_SETS_OFFSET)
     out = np.zeros(len(labels), np.int64)
     for j in np.unique(labels):
         rows = np.flatnonzero(labels == j)

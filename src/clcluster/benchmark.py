@@ -19,6 +19,7 @@ import pandas as pd
 
 from .io.atomic import atomic_path, write_text
 from .metrics import scores
+from .rng import restart_key
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
     best = None
     for r in range(refine_restarts(k, cc)):
-        chain = refine_chain(cache, images, np.random.default_rng([seed, r]).integers(0, k, len(images)), None, k, cc, seed, r)
+        chain = refine_chain(cache, images, np.random.default_rng(restart_key(seed, r)).integers(0, k, len(images)), None, k, cc, seed, r)
         if best is None or chain_objective(*chain) > chain_objective(*best):
             best = chain
     res, ml = best

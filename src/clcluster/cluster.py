@@ -17,6 +17,7 @@ from .backend import torch_device
 from .config import dataclass_from_dict
 from .data import RowView, random_rows
 from .ml2d import ML2DResult, classify, polish
+from .rng import KMEANS_SAMPLE, REFINE_SUBSET, restart_key
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def kmeans(features: np.ndarray, k: int, n_init: int, seed: int, minibatch_above
         km = KMeans(k, init="k-means++", n_init=n_init, random_state=seed)
         km.fit(np.asarray(features, dtype=np.float32))
         return km.cluster_centers_.astype(np.float32)
-    rng = np.random.default_rng([seed, 3])
+    rng = np.random.default_rng([seed, KMEANS_SAMPLE])
     sample = np.sort(rng.choice(n, minibatch_above, replace=False))
     km = MiniBatchKMeans(k, init="k-means++", n_init=n_init, random_state=seed, batch_size=4096)
     km.fit(np.asarray(features[sample], dtype=np.float32))
@@ -270,7 +271,7 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     t1 = time.time()
     pg = PolarGrid(images.shape[-1], n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
     tdev = torch_device(device)
-    rows = random_rows(len(features), cfg.refine_subset, [seed, 4])
+    rows = random_rows(len(features), cfg.refine_subset, [seed, REFINE_SUBSET])
     whole = len(rows) == len(features)
     sub_images = images if whole else RowView(images, rows)
     sub_feats = features if whole else np.asarray(features[rows])
@@ -285,7 +286,7 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     for r in range(restarts):
         # restart 1 from the embedding's K-means classes; the others from random partitions (unbiased
         # where the embedding's clusters follow nuisances), every pass over the wide set of classes
-        lab0 = labels[rows] if r == 0 else np.random.default_rng([seed, r]).integers(0, k, len(rows))
+        lab0 = labels[rows] if r == 0 else np.random.default_rng(restart_key(seed, r)).integers(0, k, len(rows))
         chain = refine_chain(cache, sub_images, lab0, near[rows], k, cfg, seed, r, tdev, every_pass_wide=r > 0)
         key = chain_objective(*chain)
         log.info("refinement restart %d: %s %.4f", r + 1, "ML2D log-likelihood" if chain[1] is not None else "mean NCC", key)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .rng import TRAIN_EPOCH, TRAIN_SUBSET
+
 
 class ShardSet:
     """Several preprocessed shards seen as one array of particles, memory-mapped (nothing is
@@ -81,14 +83,14 @@ class BatchPlan:
         if batch_size % world:
             raise ValueError(f"global batch {batch_size} is not divisible by {world} ranks")
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.pool = random_rows(n, subset or 0, [seed, 1])
+        self.pool = random_rows(n, subset or 0, [seed, TRAIN_SUBSET])
         self.steps_per_epoch = max(1, len(self.pool) // batch_size)
         self._epoch, self._perm = None, None
 
     def batch(self, step: int) -> np.ndarray:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._perm = self.pool[np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.pool))]
+            self._perm = self.pool[np.random.default_rng([self.seed, TRAIN_EPOCH, epoch]).permutation(len(self.pool))]
             self._epoch = epoch
         bs = min(self.bs, len(self.pool))
         glob = self._perm[i * bs:(i + 1) * bs]

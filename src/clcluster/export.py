@@ -26,6 +26,7 @@ from .io.atomic import atomic_path, write_text
 from .io.mrc import StackError, write_stack
 from .io.star import ParticleTable, write_star
 from .config import dataclass_from_dict
+from .rng import CRYOSPARC_UID_SEED
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: floa
           ("alignments2D/psize_A", "<f4"), ("alignments2D/error", "<f4"), ("alignments2D/class_posterior", "<f4"),
           ("alignments2D/class", "<u4"), ("alignments2D/class_ess", "<f4")]
     cs = np.zeros(n, dtype=dt)
-    rng = np.random.default_rng(20240607)
+    rng = np.random.default_rng(CRYOSPARC_UID_SEED)
     cs["uid"] = rng.integers(1, 2 ** 63, size=n, dtype=np.uint64)
     cs["blob/path"] = np.char.encode(spaths.astype(str), "utf-8")
     cs["blob/idx"] = idx

@@ -34,6 +34,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from .align import PolarScanner, to_reference_frame
+from .rng import POLISH
 
 __all__ = ["ML2DResult", "classify", "ml2d", "polish"]
 
@@ -287,7 +288,7 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
         sl = slice(s, min(n, s + batch))
         np.add.at(sums, labels[sl], to_reference_frame(images[sl], angle_deg[sl], shift_px[sl]))
     counts = np.bincount(labels, minlength=k)
-    rng = np.random.default_rng([seed, 5])
+    rng = np.random.default_rng([seed, POLISH])
     for j in np.flatnonzero(counts == 0):
         sums[j] = images[np.sort(rng.choice(n, max(1, n // k), replace=False))].mean(0)
         counts[j] = 1

@@ -20,6 +20,7 @@ from .io.atomic import atomic_path
 from .io.mrc import read_volume, write_stack
 from .io.star import ParticleTable, write_star
 from .config import dataclass_from_dict
+from .rng import NOISE_OFFSET, VOLUME_OFFSET
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -31,7 +32,7 @@ def procedural_volume(seed: int, box: int = 64, apix: float = 2.5, n_atoms: int 
     """A protein-like asymmetric density (box, box, box): Gaussian pseudo-atoms placed along
     random-walk chains (3.8 Å steps) that fill 3-5 compact domains of different sizes, so that
     every seed gives a distinct shape with no symmetry. Deterministic by `seed`."""
-    rng = np.random.default_rng(10_000 + seed)
+    rng = np.random.default_rng(VOLUME_OFFSET + seed)
     diameter_A = 0.4 * box * apix if diameter_A is None else diameter_A
     n_domains = int(rng.integers(3, 6))
     sizes = rng.dirichlet(np.full(n_domains, 2.0)) * n_atoms
@@ -228,7 +229,7 @@ def simulate_clean(cfg: SimulationConfig) -> Simulation:
 
 def add_noise(sim: Simulation, snr: float, seed: int) -> Simulation:
     """A copy of `sim` with white Gaussian noise of variance var(clean image)/snr per image."""
-    rng = np.random.default_rng(seed + 7919)
+    rng = np.random.default_rng(seed + NOISE_OFFSET)
     sigma = np.sqrt(sim.clean.var(axis=(1, 2)) / snr).astype(np.float32)
     noisy = sim.clean + rng.standard_normal(sim.clean.shape, dtype=np.float32) * sigma[:, None, None]
     return dataclasses.replace(sim, images=noisy.astype(np.float32), noise_sigma=sigma)

@@ -25,6 +25,7 @@ from .io.atomic import atomic_path, write_text
 from .losses import nt_xent
 from .models import ContrastiveModel, build_encoder, convert_sync_batchnorm
 from .config import dataclass_from_dict
+from .rng import AUGMENT
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def make_views(x, aug: AugmentConfig, seed: int, step: int, offset: int, apix: f
         g = math.gcd(g, offset)
     v1, v2 = [], []
     for j in range(0, len(x), g):
-        rng = xp.random.default_rng([seed, 3, step, (offset + j) // g])
+        rng = xp.random.default_rng([seed, AUGMENT, step, (offset + j) // g])
         a, b = two_views(x[j:j + g], aug, rng, apix)
         v1.append(a)
         v2.append(b)
