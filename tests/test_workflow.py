@@ -84,3 +84,36 @@ def test_user_particles_via_config(demo_run, tmp_path):
     star = read_particles(out / "export/particles_classified.star")
     assert len(star) == 160 and set(star.particles["rlnClassNumber"]) <= {1, 2, 3}
     assert not (out / "score.json").exists()
+
+
+def planned_jobs(results, *configfiles) -> dict:
+    """Rule -> job count that `snakemake -n` plans on the finished tiny run under extra config files."""
+    proc = run_snakemake(results, "-n", configfiles=[REPO / "tests/workflow/tiny_memory.yaml", *configfiles])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1].splitlines()
+    rows = [line.split() for line in table[3:]]
+    jobs = {}
+    for row in rows:
+        if len(row) != 2 or row[0] == "total":
+            break
+        jobs[row[0]] = int(row[1])
+    jobs.pop("all", None)  # the target rule, planned whenever anything is
+    return jobs
+
+
+@pytest.mark.slow
+def test_each_rule_reruns_only_when_its_own_settings_change(demo_run, tmp_path):
+    """Each rule reads only its step's settings: a cosmetic export key must not plan hours of
+    training and clustering again; a training key reruns training and what follows it only."""
+    results, _ = demo_run
+    assert planned_jobs(results) == {}
+    gallery = tmp_path / "gallery.yaml"
+    gallery.write_text("export:\n  gallery_columns: 5\n")
+    assert set(planned_jobs(results, gallery)) == {"step_config", "export_classes"}
+    train = tmp_path / "train.yaml"
+    train.write_text("train:\n  temperature: 0.3\n")
+    assert set(planned_jobs(results, train)) == {"step_config", "train_encoder", "embed_shard", "cluster_embeddings",
+                                                  "export_classes", "score_demo"}

@@ -5,7 +5,7 @@
 rule benchmark:
     """Every method over the SNR grid on the built-in volume and the ribosome map."""
     input:
-        config=rules.save_config.output[0],
+        config=step_config("benchmark"),
     output:
         table=f"{R}/benchmark/results.md",
         csv=f"{R}/benchmark/results.csv",

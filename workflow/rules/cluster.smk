@@ -6,7 +6,7 @@ rule cluster_embeddings:
         embeddings=per_shard(f"{R}/embeddings/shard_{{shard}}.npy"),
         stars=per_shard(f"{R}/shards/shard_{{shard}}.star"),
         images=per_shard(f"{R}/preprocessed/shard_{{shard}}.npy"),
-        config=rules.save_config.output[0],
+        config=step_config("cluster"),
     output:
         labels=f"{R}/clusters/labels.npy",
         assignments=f"{R}/clusters/assignments.npz",

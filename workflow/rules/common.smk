@@ -62,15 +62,36 @@ def print_score():
               f"ARI {s['ari']:.3f}, NMI {s['nmi']:.3f}  ({score})")
 
 
-rule save_config:
-    """The validated run configuration (defaults filled in) that every step reads."""
+# The settings each step reads. A rule depends on its own step's file only, so that changing a
+# key reruns that step and what follows it, and nothing else (an export key: export alone).
+STEP_SETTINGS = {
+    "simulate": ["seed", "simulate"],
+    "preprocess": ["device", "preprocess"],
+    "train": ["seed", "device", "train"],
+    "embed": ["device", "embed"],
+    "cluster": ["seed", "device", "classes", "cluster"],
+    "export": ["seed", "device", "classes", "project_root", "export"],
+    "benchmark": ["seed", "device", "simulate", "preprocess", "train", "embed", "cluster"],
+}
+
+
+def step_config(step):
+    """The file of `step`'s settings (validated, defaults filled in) that its rule reads."""
+    return f"{R}/config/{step}.yaml"
+
+
+rule step_config:
+    """One step's settings; rewritten only when they change (Snakemake compares the params)."""
     output:
-        f"{R}/config.yaml",
+        step_config("{step}"),
     params:
-        cfg=config,
+        settings=lambda wildcards: {key: config[key] for key in STEP_SETTINGS[wildcards.step]},
+    wildcard_constraints:
+        step="|".join(STEP_SETTINGS),
     log:
-        f"{R}/logs/save_config.log",
+        f"{R}/logs/step_config/{{step}}.log",
+    localrule: True
     run:
         tmp = Path(output[0]).with_name(f".{Path(output[0]).name}.part")  # atomic: write, then rename
-        tmp.write_text(yaml.safe_dump(dict(params.cfg), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(dict(params.settings), sort_keys=False))
         tmp.replace(output[0])

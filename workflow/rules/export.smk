@@ -10,7 +10,7 @@ rule export_classes:
         images=per_shard(f"{R}/preprocessed/shard_{{shard}}.npy"),
         embeddings=per_shard(f"{R}/embeddings/shard_{{shard}}.npy"),
         loss_plot=rules.train_encoder.output.plot,
-        config=rules.save_config.output[0],
+        config=step_config("export"),
     output:
         star=f"{R}/export/particles_classified.star",
         selected=f"{R}/export/particles_selected.star",

@@ -4,7 +4,7 @@
 rule simulate_demo:
     """Simulated particles with known classes (only when config particles is empty)."""
     input:
-        config=rules.save_config.output[0],
+        config=step_config("simulate"),
     output:
         star=f"{R}/demo/particles.star",
         truth=f"{R}/demo/particles_truth.csv",
@@ -31,7 +31,6 @@ rule check_particles:
     """Validate the particle file and its stacks before any work (every problem listed)."""
     input:
         star=particles_file(checked=False),
-        config=rules.save_config.output[0],
     output:
         report=f"{R}/check/report.txt",
         **CHECKED,

@@ -4,7 +4,7 @@
 rule preprocess_shard:
     input:
         star=f"{R}/shards/shard_{{shard}}.star",
-        config=rules.save_config.output[0],
+        config=step_config("preprocess"),
     output:
         images=f"{R}/preprocessed/shard_{{shard}}.npy",
         meta=f"{R}/preprocessed/shard_{{shard}}.json",
@@ -25,7 +25,7 @@ rule embed_shard:
     input:
         encoder=f"{R}/model/encoder.pt",
         images=f"{R}/preprocessed/shard_{{shard}}.npy",
-        config=rules.save_config.output[0],
+        config=step_config("embed"),
     output:
         f"{R}/embeddings/shard_{{shard}}.npy",
     log:

@@ -14,7 +14,7 @@
 rule train_encoder:
     input:
         images=per_shard(f"{R}/preprocessed/shard_{{shard}}.npy"),
-        config=rules.save_config.output[0],
+        config=step_config("train"),
     output:
         encoder=f"{R}/model/encoder.pt",
         loss=f"{R}/model/encoder_loss.csv",
