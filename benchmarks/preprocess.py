@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from clcluster.augment import AugmentConfig, two_views
-from clcluster.backend import asnumpy, choose_array_module, make_rng
+from clcluster.backend import choose_array_module, make_rng
 from clcluster.ctf import CTFParams, phase_flip, wiener_filter
 from clcluster.imageops import fourier_crop, normalise_background
 from clcluster.io.mrc import read_images

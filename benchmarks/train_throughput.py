@@ -86,7 +86,8 @@ def main(argv=None):
     import torch
 
     print(f"# clcluster train throughput: {args.encoder} encoder, box {args.box}, global batch {args.batch_size}, "
-          f"{args.steps} steps, device {args.device}, {cores} CPU cores, threads/rank {args.threads or 'auto'}, torch {torch.__version__}, launcher {args.launcher}")
+          f"{args.steps} steps, device {args.device}, {cores} CPU cores, "
+          f"threads/rank {args.threads or 'auto'}, torch {torch.__version__}, launcher {args.launcher}")
     print("| ranks | images/s (training loop) | wall s (whole command) | relative to 1 rank |")
     print("|------:|-------------------------:|-----------------------:|-------------------:|")
     base = None

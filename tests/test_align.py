@@ -74,7 +74,8 @@ def test_wide_passes_compare_only_similar_classes(monkeypatch):
     assert sim.shape == (6, 3) and np.array_equal(sim[:, 0], np.arange(6))
     seen = []
     real = al.soft_align_all
-    monkeypatch.setattr(al, "soft_align_all", lambda c, r, cand, *a, **kw: (seen.append(None if cand is None else cand.shape[1]), real(c, r, cand, *a, **kw))[1])
+    monkeypatch.setattr(al, "soft_align_all", lambda c, r, cand, *a, **kw: (
+        seen.append(None if cand is None else cand.shape[1]), real(c, r, cand, *a, **kw))[1])
     rng = np.random.default_rng(0)
     start = truth.copy()
     bad = rng.random(len(start)) < 0.25

@@ -3,7 +3,6 @@ written as CSV, Markdown and a plot, and the methods that should be near-perfect
 import copy
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from clcluster.benchmark import BenchmarkConfig, run_benchmark

@@ -37,7 +37,6 @@ def make_stack(path: Path, n: int, box: int = BOX, nan_at=()) -> None:
 
 def make_table(tmp_path: Path, names, *, ctf=True, apix=1.5, optics=True) -> ParticleTable:
     """A STAR file in tmp_path (written and read back) for the given image names."""
-    n = len(names)
     p = pd.DataFrame({"rlnImageName": pd.Series(names, dtype="str")})
     if ctf:
         p["rlnDefocusU"] = 15000.0

@@ -99,19 +99,17 @@ def test_encoder_alone_beats_chance(easy_sim, preprocessed_easy, trained):
 
 
 def test_training_writes_loss_curve_and_resumes_from_checkpoint(tmp_path, preprocessed_easy):
-    import shutil
 
     import torch
 
     np.save(tmp_path / "s.npy", preprocessed_easy[:64].astype(np.float16))
     cfg = TrainConfig(steps=6, batch_size=16, checkpoint_minutes=0)
-    ref = train([tmp_path / "s.npy"], tmp_path / "ref.pt", cfg, seed=1, device="cpu")
+    train([tmp_path / "s.npy"], tmp_path / "ref.pt", cfg, seed=1, device="cpu")
     assert (tmp_path / "ref_loss.csv").read_text().count("\n") == 7 and (tmp_path / "ref_loss.png").exists()
     assert not (tmp_path / "ref.ckpt").exists()  # removed once training completed
     # an interrupted run: 3 steps, then a checkpoint as the signal handler writes it, then resume
     part = TrainConfig(steps=6, batch_size=16, checkpoint_minutes=0)
     import signal
-    import threading
 
     from clcluster import train as train_mod
 

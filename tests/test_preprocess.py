@@ -10,7 +10,6 @@ import pytest
 
 import clcluster.preprocess as pp
 from clcluster.backend import gpu_available
-from clcluster.ctf import CTFParams
 from clcluster.imageops import fourier_filter, freq_grid, radius_grid
 from clcluster.io.star import read_star
 from clcluster.preprocess import (PreprocessConfig, preprocess_batch, preprocess_table, radial_noise_spectrum,

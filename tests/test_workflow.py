@@ -1,6 +1,5 @@
 """Real Snakemake runs of the whole chain on tiny simulated data (slow; run in CI)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -180,7 +180,7 @@ def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = 
                 last_ckpt = time.time()
     except _Preempted:
         log.warning("signal %s: checkpoint written to %s, exiting; rerun to resume", stop["signal"], ckpt_path)
-        raise SystemExit(128 + int(stop["signal"]))
+        raise SystemExit(128 + int(stop["signal"])) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -12,8 +12,10 @@ rule benchmark:
         plot=f"{R}/benchmark/accuracy_vs_snr.png",
     log:
         f"{R}/logs/benchmark.log",
-    threads: workflow.cores
     conda:
         ENV
+    threads: workflow.cores
+    params:
+        out_dir=lambda wildcards, output: Path(output.table).parent,
     shell:
-        "clcluster benchmark --config {input.config:q} --out-dir {R:q}/benchmark > {log:q} 2>&1"
+        "clcluster benchmark --config {input.config:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -14,11 +14,13 @@ rule cluster_embeddings:
         f"{R}/logs/cluster_embeddings.log",
     benchmark:
         f"{R}/benchmarks/cluster_embeddings.tsv"
+    conda:
+        ENV
     threads: workflow.cores
     resources:
         mem_mb=4000,
-    conda:
-        ENV
+    params:
+        out_dir=lambda wildcards, output: Path(output.labels).parent,
     shell:
         "clcluster cluster --embeddings {input.embeddings:q} --shard-stars {input.stars:q} "
-        "--preprocessed {input.images:q} --out-dir {R:q}/clusters --config {input.config:q} > {log:q} 2>&1"
+        "--preprocessed {input.images:q} --out-dir {params.out_dir:q} --config {input.config:q} > {log:q} 2>&1"

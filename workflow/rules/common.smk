@@ -8,7 +8,6 @@ from snakemake.utils import validate
 
 from clcluster.config import reject_unknown_keys
 
-
 reject_unknown_keys(config)  # a typo'd key is an error naming the closest valid key
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
@@ -57,9 +56,11 @@ def print_score():
     score = Path(f"{R}/score.json")
     if SIMULATED and score.exists():
         s = json.loads(score.read_text())
-        print(f"CL-Clustering demo: {s['particles']} particles, clustering accuracy (Hungarian-matched) "
-              f"{s['accuracy']:.3f}, alignment-free stage alone {s['kmeans_accuracy']:.3f}, "
-              f"ARI {s['ari']:.3f}, NMI {s['nmi']:.3f}  ({score})")
+        print(
+            f"CL-Clustering demo: {s['particles']} particles, clustering accuracy (Hungarian-matched) "
+            f"{s['accuracy']:.3f}, alignment-free stage alone {s['kmeans_accuracy']:.3f}, "
+            f"ARI {s['ari']:.3f}, NMI {s['nmi']:.3f}  ({score})"
+        )
 
 
 # The settings each step reads. A rule depends on its own step's file only, so that changing a
@@ -80,18 +81,13 @@ def step_config(step):
     return f"{R}/config/{step}.yaml"
 
 
-rule step_config:
-    """One step's settings; rewritten only when they change (Snakemake compares the params)."""
-    output:
-        step_config("{step}"),
-    params:
-        settings=lambda wildcards: {key: config[key] for key in STEP_SETTINGS[wildcards.step]},
-    wildcard_constraints:
-        step="|".join(STEP_SETTINGS),
-    log:
-        f"{R}/logs/step_config/{{step}}.log",
-    localrule: True
-    run:
-        tmp = Path(output[0]).with_name(f".{Path(output[0]).name}.part")  # atomic: write, then rename
-        tmp.write_text(yaml.safe_dump(dict(params.settings), sort_keys=False))
-        tmp.replace(output[0])
+def write_settings(path, settings):
+    """Write a step's settings as YAML, atomically (a .part file, then a rename)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.part")
+    tmp.write_text(yaml.safe_dump(dict(settings), sort_keys=False))
+    tmp.replace(path)
+
+
+def root_option():
+    """The --root option of the steps that resolve stack paths ("" when project_root is unset)."""
+    return f"--root {shlex.quote(config['project_root'])}" if config["project_root"] else ""

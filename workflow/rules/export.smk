@@ -19,25 +19,27 @@ rule export_classes:
         gallery=report(f"{R}/export/class_averages.png", caption="../report/gallery.rst", category="1. Classes"),
         quality=report(f"{R}/export/class_quality.csv", caption="../report/quality.rst", category="1. Classes"),
         frc=report(f"{R}/export/frc.png", caption="../report/frc.rst", category="1. Classes"),
-        embedding_map=report(f"{R}/export/embedding_map.png", caption="../report/embedding_map.rst",
-                             category="2. Embedding"),
+        embedding_map=report(
+            f"{R}/export/embedding_map.png", caption="../report/embedding_map.rst", category="2. Embedding"
+        ),
         loss_plot=report(f"{R}/export/encoder_loss.png", caption="../report/loss.rst", category="3. Training"),
         summary=report(f"{R}/export/summary.json", caption="../report/summary.rst", category="4. Run"),
         classes=directory(f"{R}/export/classes"),
-    params:
-        root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
     log:
         f"{R}/logs/export_classes.log",
     benchmark:
         f"{R}/benchmarks/export_classes.tsv"
+    conda:
+        ENV
     threads: workflow.cores
     resources:
         mem_mb=4000,
-    conda:
-        ENV
+    params:
+        out_dir=lambda wildcards, output: Path(output.star).parent,
+        root=root_option(),
     shell:
         "clcluster export {input.star:q} --assignments {input.assignments:q} --preprocessed {input.images:q} "
-        "--embeddings {input.embeddings:q} --out-dir {R:q}/export --config {input.config:q} {params.root} "
+        "--embeddings {input.embeddings:q} --out-dir {params.out_dir:q} --config {input.config:q} {params.root} "
         "> {log:q} 2>&1 && cp {input.loss_plot:q} {output.loss_plot:q}"
 
 

@@ -14,8 +14,10 @@ rule simulate_demo:
         f"{R}/benchmarks/simulate_demo.tsv"
     conda:
         ENV
+    params:
+        out_dir=lambda wildcards, output: Path(output.star).parent,
     shell:
-        "clcluster simulate --config {input.config:q} --out-dir {R:q}/demo > {log:q} 2>&1"
+        "clcluster simulate --config {input.config:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 # check.exclude_bad: the particles without problems go to particles_checked.star (which the later
@@ -32,10 +34,16 @@ rule check_particles:
     input:
         star=particles_file(checked=False),
     output:
-        report=f"{R}/check/report.txt",
         **CHECKED,
+        report=f"{R}/check/report.txt",
+    log:
+        f"{R}/logs/check_particles.log",
+    benchmark:
+        f"{R}/benchmarks/check_particles.tsv"
+    conda:
+        ENV
     params:
-        root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
+        root=root_option(),
         ctf="--no-ctf" if config["preprocess"]["ctf"] == "none" else "",
         classes=config["classes"],
         exclude=(
@@ -43,12 +51,6 @@ rule check_particles:
             if CHECKED
             else ""
         ),
-    log:
-        f"{R}/logs/check_particles.log",
-    benchmark:
-        f"{R}/benchmarks/check_particles.tsv"
-    conda:
-        ENV
     shell:
         "clcluster check {input.star:q} {params.root} {params.ctf} --classes {params.classes:q} {params.exclude} "
         "> {output.report:q} 2> {log:q} || (cat {output.report:q} >&2; exit 1)"
@@ -61,14 +63,14 @@ checkpoint shard_particles:
         check=rules.check_particles.output.report,
     output:
         folder=directory(f"{R}/shards"),
-    params:
-        size=config["shard"]["size"],
-        root="--root " + shlex.quote(config['project_root']) if config["project_root"] else "",
     log:
         f"{R}/logs/shard_particles.log",
     benchmark:
         f"{R}/benchmarks/shard_particles.tsv"
     conda:
         ENV
+    params:
+        size=config["shard"]["size"],
+        root=root_option(),
     shell:
         "clcluster shard {input.star:q} --size {params.size:q} --out-dir {output.folder:q} {params.root} > {log:q} 2>&1"

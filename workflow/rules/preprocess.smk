@@ -12,11 +12,11 @@ rule preprocess_shard:
         f"{R}/logs/preprocess_shard/{{shard}}.log",
     benchmark:
         f"{R}/benchmarks/preprocess_shard/{{shard}}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
-    conda:
-        ENV
     shell:
         "clcluster preprocess {input.star:q} --out {output.images:q} --config {input.config:q} > {log:q} 2>&1"
 
@@ -32,11 +32,11 @@ rule embed_shard:
         f"{R}/logs/embed_shard/{{shard}}.log",
     benchmark:
         f"{R}/benchmarks/embed_shard/{{shard}}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=2000,
-    conda:
-        ENV
     shell:
         "clcluster embed --encoder {input.encoder:q} --shard {input.images:q} --out {output:q} --threads {threads} "
         "--config {input.config:q} > {log:q} 2>&1"

@@ -23,12 +23,12 @@ rule train_encoder:
         f"{R}/logs/train_encoder.log",
     benchmark:
         f"{R}/benchmarks/train_encoder.tsv"
+    conda:
+        ENV
     threads: workflow.cores
     resources:
         mem_mb=4000,
         launcher="",
-    conda:
-        ENV
     shell:
         "{resources.launcher} clcluster train --shards {input.images:q} --out {output.encoder:q} "
         "--config {input.config:q} > {log:q} 2>&1"
