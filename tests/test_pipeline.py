@@ -5,7 +5,8 @@ import pytest
 from clcluster.cluster import ClusterConfig, cluster
 from clcluster.embed import embed_images
 from clcluster.metrics import hungarian_accuracy
-from clcluster.train import TrainConfig, load_encoder, train
+from clcluster.models import load_encoder
+from clcluster.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

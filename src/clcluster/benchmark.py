@@ -68,7 +68,8 @@ def embed_stack(images, run_cfg: dict, seed: int, workdir: Path, apix: float) ->
     """The pipeline's train → embed on preprocessed images (n, D, D) (stored as float16, as the
     shards are): L2-normalised features (n, d)."""
     from .embed import embed_images
-    from .train import TrainConfig, load_encoder, train
+    from .models import load_encoder
+    from .train import TrainConfig, train
 
     np.save(workdir / "shard.npy", images.astype(np.float16))
     train([workdir / "shard.npy"], workdir / "encoder.pt", TrainConfig.from_dict(run_cfg["train"]), seed=seed, device="cpu", apix=apix)

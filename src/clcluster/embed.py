@@ -29,7 +29,7 @@ def embed_images(encoder, images, batch_size: int = 128, device="cpu") -> np.nda
 
 def embed_shard(encoder_path, shard_npy, out_path, batch_size: int = 128, device: str = "auto", threads: int = 0) -> int:
     """Embed one preprocessed shard into `out_path` (.npy float32 (n, d)). Returns n."""
-    from .train import load_encoder
+    from .models import load_encoder
 
     tdev = torch_device(device)
     if tdev.type == "cpu":

@@ -184,3 +184,12 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child))
     return out
+
+
+def load_encoder(path, device="cpu"):
+    """The trained encoder saved by `train.train` (evaluation mode, on `device`) and the saved payload
+    (encoder kind, box in pixels, feature dimension, state dict)."""
+    payload = torch.load(path, map_location=device, weights_only=True)
+    enc = build_encoder(payload["encoder"], int(payload["box"]), int(payload["feature_dim"]))
+    enc.load_state_dict(payload["state_dict"])
+    return enc.to(device).eval(), payload

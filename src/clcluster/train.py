@@ -83,13 +83,6 @@ def save_encoder(path, model: ContrastiveModel, cfg: TrainConfig, box: int, apix
         torch.save(payload, tmp)
 
 
-def load_encoder(path, device="cpu"):
-    payload = torch.load(path, map_location=device, weights_only=True)
-    enc = build_encoder(payload["encoder"], int(payload["box"]), int(payload["feature_dim"]))
-    enc.load_state_dict(payload["state_dict"])
-    return enc.to(device).eval(), payload
-
-
 def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = "auto",
           apix: float | None = None) -> dict:
     """Train on the preprocessed shards; writes `out_path` (encoder), `<out>.ckpt` while running,
