@@ -36,7 +36,7 @@ OWN_LAYER_FORBIDDEN = {"steps"}
 
 
 def layer_of(module: str) -> str:
-    """Layer of a dotted module name inside clcluster ('clcluster.core.rng', 'clcluster.rng', ...)."""
+    """Layer of a dotted module name inside clcluster, in a layer folder (core/rng.py) or flat (rng.py)."""
     parts = module.split(".")[1:]
     if not parts:
         return "core"  # the package itself: its version string
