@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU paths on a real GPU, one command, one line per check (about 5 minutes on one
-# H100/H200-class GPU; every part has a time limit, 8 minutes in all):
+# The GPU paths on a real GPU, one command, one line per check (every part has a time limit,
+# 8 minutes in all on one GPU):
 #
 #   scripts/gpu_check.sh            # from the repository, with the package and its gpu extra installed
 #

@@ -174,7 +174,7 @@ def _signal_filter(u, cfg: AugmentConfig, box: int, apix: float, xp):
         lam = float(electron_wavelength(300.0))
         df = (cfg.ctf_defocus_min_A + u[:, _U_DEFOCUS] * (cfg.ctf_defocus_max_A - cfg.ctf_defocus_min_A)).reshape(-1, 1, 1)
         s2 = f2 / apix ** 2  # 1/Å²
-        chi = -np.pi * lam * df * s2 + (np.pi / 2) * 2.7e7 * lam ** 3 * s2 ** 2 - np.arctan(0.1 / np.sqrt(1 - 0.01))
+        chi = -np.pi * lam * df * s2 + (np.pi / 2) * 2.7e7 * lam ** 3 * s2 ** 2 - float(np.arctan(0.1 / np.sqrt(0.99)))
         on = (u[:, _U_CTF_ON] < cfg.ctf_prob).reshape(-1, 1, 1)
         filt = filt * xp.where(on, xp.abs(xp.sin(chi)), 1.0)
     return filt.astype(xp.float32)
@@ -213,7 +213,8 @@ def two_views_batched(images, cfg: AugmentConfig, rng, apix: float = 1.0):
     if cfg.rotation or cfg.max_shift_px > 0:
         x = rotate(x, angles, shifts, method="bilinear")
     if cfg.noise_prob > 0:
-        log_snr = np.log(cfg.noise_snr_min) + u[:, _U_SNR] * (np.log(cfg.noise_snr_max) - np.log(cfg.noise_snr_min))
+        lo, hi = float(np.log(cfg.noise_snr_min)), float(np.log(cfg.noise_snr_max))  # Python floats: CuPy on the right
+        log_snr = lo + u[:, _U_SNR] * (hi - lo)
         sigma = x.std(axis=(1, 2)) / xp.sqrt(xp.exp(log_snr)) * (u[:, _U_NOISE_ON] < cfg.noise_prob)
         x = x + rng.standard_normal(x.shape, dtype=xp.float32) * sigma[:, None, None].astype(xp.float32)
     if cfg.contrast_jitter > 0:

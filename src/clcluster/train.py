@@ -184,7 +184,8 @@ class ViewMaker:
 
     def __init__(self, aug: AugmentConfig, seed: int, apix: float, xp, rank: int, start_step: int):
         self.aug, self.seed, self.apix, self.xp = aug, seed, apix, xp
-        self.rng = None if xp is np else xp.random.default_rng([seed, 3, rank, start_step])
+        key = int(np.random.SeedSequence([seed, 3, rank, start_step]).generate_state(1, np.uint64)[0])
+        self.rng = None if xp is np else xp.random.default_rng(key)
 
     def __call__(self, x, step: int, offset: int):
         if self.rng is None:
