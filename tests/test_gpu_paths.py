@@ -148,3 +148,41 @@ def test_checkpointer_restores_cpu_and_cuda_rng(tmp_path, fake_cuda, monkeypatch
     assert torch.equal(torch.get_rng_state(), saved)
     cuda_calls = [c for c in fake_cuda if c[0] == "set_rng_state"]
     assert len(cuda_calls) == 1 and cuda_calls[0][1].device.type == "cpu" and int(cuda_calls[0][1][0]) == 7
+
+
+@pytest.mark.slow
+def test_reading_the_loss_back_every_10_steps_changes_nothing(tmp_path, monkeypatch):
+    """On CUDA the loop reads the losses back and votes on stopping once per 10 steps (fewer
+    device-to-host syncs). Forced here on the CPU (no GPU): same losses and parameters as
+    reading back every step; a single process still stops at the step a signal arrives (it
+    needs no vote; ranks of a DDP job stop at the next multiple of 10), and completes from
+    that checkpoint with the same losses."""
+    import signal
+
+    from clcluster import train as train_mod
+    from clcluster.train import TrainConfig, train
+
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).standard_normal((64, 24, 24)).astype(np.float32))
+    cfg = TrainConfig(steps=13, batch_size=16, checkpoint_minutes=0)
+    train([tmp_path / "s.npy"], tmp_path / "every1.pt", cfg, seed=2, device="cpu")
+    monkeypatch.setattr(train_mod, "sync_interval", lambda tdev: 10)
+    train([tmp_path / "s.npy"], tmp_path / "every10.pt", cfg, seed=2, device="cpu")
+    assert (tmp_path / "every1_loss.csv").read_text() == (tmp_path / "every10_loss.csv").read_text()
+    a = torch.load(tmp_path / "every1.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "every10.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    calls, orig = {"n": 0}, train_mod.nt_xent
+
+    def signalling(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGUSR1)
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "nt_xent", signalling)
+    with pytest.raises(SystemExit):
+        train([tmp_path / "s.npy"], tmp_path / "stopped.pt", cfg, seed=2, device="cpu")
+    assert int(torch.load(tmp_path / "stopped.ckpt", weights_only=True)["step"]) == 4
+    monkeypatch.setattr(train_mod, "nt_xent", orig)
+    train([tmp_path / "s.npy"], tmp_path / "stopped.pt", cfg, seed=2, device="cpu")
+    assert (tmp_path / "stopped_loss.csv").read_text() == (tmp_path / "every1_loss.csv").read_text()

@@ -255,6 +255,11 @@ def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = 
 GPU_SYNC_EVERY = 10
 
 
+def sync_interval(tdev: torch.device) -> int:
+    """Steps between read-backs of the loss and stop votes: 1 on the CPU, GPU_SYNC_EVERY on CUDA."""
+    return GPU_SYNC_EVERY if tdev.type == "cuda" else 1
+
+
 def _loop(ddp, opt, sched, cfg: TrainConfig, tdev, xp, views: ViewMaker, batches: BatchPrefetcher,
           ckpt: Checkpointer, guard: PreemptionGuard, start: int, losses: list) -> int:
     """Steps start..cfg.steps-1; appends the global mean loss of every step to `losses`.
@@ -262,7 +267,7 @@ def _loop(ddp, opt, sched, cfg: TrainConfig, tdev, xp, views: ViewMaker, batches
     signalled and whether rank 0's checkpoint timer ran out, so that all ranks checkpoint or
     stop at the same step. Raises _Preempted after the checkpoint. Returns images seen."""
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    every = 1 if tdev.type != "cuda" else GPU_SYNC_EVERY
+    every = sync_interval(tdev)
     use_amp = tdev.type == "cuda"
     last_ckpt, t0, seen, pending = time.time(), time.time(), 0, []
     for step in range(start, cfg.steps):
