@@ -13,9 +13,18 @@
 #     whole node); RealMemory ~2% below what slurmd -C reports (else the node drains);
 #   - no accounting storage: sacct does not work, so the Snakemake profile polls with squeue,
 #     which needs MinJobAge (300 s) >= 3 x the plugin's init delay before status checks;
-#   - the host name must resolve (here to 127.0.0.1).
+#   - the host name must resolve (here to 127.0.0.1);
+#   - GPUs as a generic resource: GresTypes=gpu, Gres=gpu:N on the node, and in gres.conf
+#     AutoDetect=off plus File= device files. slurmd 22.05 drops a gpu line that has only a
+#     Count (the node then reports 0 GPUs and goes INVAL), so the files are FAKE devices:
+#     $STATE/fake-gpu/nvidia0..N-1, character devices with /dev/null's numbers (1, 3), made with
+#     mknod (plain files where mknod is refused; slurmd then logs "not a valid character or
+#     block device" but counts them). Jobs can request them (--gres=gpu:2) and SLURM sets
+#     CUDA_VISIBLE_DEVICES per step from their indices, so the GPU-shaped submission path runs
+#     through real sbatch/srun; nothing can compute on them (tests mock CUDA in their process).
 # Environment: CLCLUSTER_SLURM_STATE (default /tmp/clcluster-slurm), CLCLUSTER_SLURM_PARTITION
-# (default "debug"), CLCLUSTER_SLURM_TIMEOUT (seconds to wait for an idle node, default 120).
+# (default "debug"), CLCLUSTER_SLURM_TIMEOUT (seconds to wait for an idle node, default 120),
+# CLCLUSTER_SLURM_FAKE_GPUS (fake GPUs declared on the node, default 2; 0 declares none).
 set -euo pipefail
 
 STATE=${CLCLUSTER_SLURM_STATE:-/tmp/clcluster-slurm}
@@ -23,6 +32,8 @@ PARTITION=${CLCLUSTER_SLURM_PARTITION:-debug}
 TIMEOUT=${CLCLUSTER_SLURM_TIMEOUT:-120}
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
+GRES_CONF=$CONF_DIR/gres.conf
+FAKE_GPUS=${CLCLUSTER_SLURM_FAKE_GPUS:-2}
 HOST=$(hostname -s)
 
 say() { echo "slurm_local_start: $*" >&2; }
@@ -80,6 +91,20 @@ MEM=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$NODE_LINE")
 MEM=$((MEM * 98 / 100))
 DEFMEM=$((MEM / CPUS / 2))
 NODE_LINE=$(sed "s/RealMemory=[0-9]*/RealMemory=$MEM/" <<<"$NODE_LINE")
+GRES_TYPES=""
+NEW_GRES=""
+if ((FAKE_GPUS > 0)); then
+    FAKE_DEV=$STATE/fake-gpu
+    mkdir -p "$FAKE_DEV"
+    for ((i = 0; i < FAKE_GPUS; i++)); do
+        [[ -e $FAKE_DEV/nvidia$i ]] || mknod "$FAKE_DEV/nvidia$i" c 1 3 2>/dev/null || touch "$FAKE_DEV/nvidia$i"
+    done
+    NODE_LINE="$NODE_LINE Gres=gpu:$FAKE_GPUS"
+    GRES_TYPES="GresTypes=gpu"
+    NEW_GRES="# Written by scripts/slurm_local_start.sh: $FAKE_GPUS FAKE GPUs (device files behave as /dev/null).
+AutoDetect=off
+NodeName=$HOST Name=gpu File=$FAKE_DEV/nvidia[0-$((FAKE_GPUS - 1))]"
+fi
 NEW=$(cat <<EOF
 # Written by scripts/slurm_local_start.sh: a one-node cluster on $HOST for tests.
 ClusterName=clcluster
@@ -109,12 +134,19 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 KillWait=10
 InactiveLimit=0
+$GRES_TYPES
 $NODE_LINE State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 )
+if [[ -n $NEW_GRES ]] && { [[ ! -f $GRES_CONF ]] || [[ "$(cat "$GRES_CONF")" != "$NEW_GRES" ]]; }; then
+    say "writing $GRES_CONF ($FAKE_GPUS fake GPUs)"
+    printf '%s\n' "$NEW_GRES" >"$GRES_CONF"
+elif [[ -z $NEW_GRES ]]; then
+    rm -f "$GRES_CONF"
+fi
 if [[ ! -f $CONF ]] || [[ "$(cat "$CONF")" != "$NEW" ]]; then
-    say "writing $CONF"
+    say "writing $CONF (restart the daemons with slurm_local_stop.sh and this script if they run)"
     printf '%s\n' "$NEW" >"$CONF"
     if alive "$STATE/run/slurmctld.pid"; then scontrol reconfigure || true; fi
 fi

@@ -98,3 +98,33 @@ def test_numpy_generator_with_cupy_images_is_refused(xp):
         pytest.skip("only meaningful for CuPy images")
     with pytest.raises(TypeError, match="CuPy Generator"):
         augment(xp.zeros((2, 16, 16), dtype=xp.float32), AugmentConfig(), np.random.default_rng(0))
+
+
+class _CountingGenerator:
+    """A Generator that records which of its methods were called."""
+
+    def __init__(self, rng):
+        self.rng, self.calls = rng, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.rng, name)
+
+
+def test_batched_views_draw_once_and_stay_on_the_device(preprocessed_easy, xp):
+    """The GPU path's `two_views_batched`: one uniform draw for all per-image parameters plus
+    one normal draw for the noise (not a dozen small draws per view), views on the images'
+    device, reproducible under a seed, two different views of each image."""
+    from clcluster.augment import two_views_batched
+
+    x = xp.asarray(preprocessed_easy[:8])
+    cfg = AugmentConfig(erase_prob=0.5, ctf_prob=0.5, mirror_prob=0.5)
+    a1, a2 = two_views_batched(x, cfg, make_rng(xp, 1), apix=5.0)
+    b1, _ = two_views_batched(x, cfg, make_rng(xp, 1), apix=5.0)
+    a1, a2, b1 = _on(xp, a1), _on(xp, a2), _on(xp, b1)
+    assert a1.shape == a2.shape == x.shape
+    assert np.array_equal(a1, b1) and not np.allclose(a1, a2)
+    assert np.all(np.isfinite(a1)) and not np.allclose(a1, asnumpy(x))
+    counting = _CountingGenerator(make_rng(np, 2))
+    two_views_batched(np.asarray(preprocessed_easy[:8]), cfg, counting, apix=5.0)
+    assert counting.calls == ["random", "standard_normal"]

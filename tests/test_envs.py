@@ -20,11 +20,11 @@ ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
 # conda package name -> PyPI name (where they differ)
 CONDA_TO_PYPI = {"pytorch": "torch", "cupy": "cupy-cuda12x"}
 # conda-only packages that are not Python dependencies of clcluster
-CONDA_ONLY = {"python", "pip", "cpuonly", "pytorch-cuda", "cuda-version"}
+CONDA_ONLY = {"python", "pip", "setuptools", "pytorch-cpu", "pytorch-gpu", "cuda-version"}
 # dependencies of the package that the rules' commands do not need inside the env
 # (Snakemake runs the workflow from outside the env)
 NOT_NEEDED_IN_ENV = {"snakemake"}
-_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$")
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[[^\]]*\])?\s*(.*)$")  # name[extras]version
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -66,8 +66,8 @@ def test_env_file_parses_and_agrees_with_pyproject(env_file):
     runtime = {_split(s)[0] for s in _pyproject()["project"]["dependencies"]}
     missing = runtime - NOT_NEEDED_IN_ENV - named
     assert not missing, f"{env_file.name} lacks runtime dependencies {sorted(missing)}"
-    # the package itself, from the repository, into the env
-    assert any(p.strip() in ("-e ../", "-e ..", "../", "..") for p in pip), f"{env_file.name}: package not pip-installed"
+    # no pip section with paths: Snakemake creates the env from a copy (see the test below)
+    assert not pip, f"{env_file.name}: pip entries {pip}; the package comes from the post-deploy script"
     python = [d for d in conda if _split(d)[0] == "python"]
     assert python, f"{env_file.name}: no python pin"
     requires = _pyproject()["project"]["requires-python"]
@@ -79,9 +79,13 @@ def test_env_file_parses_and_agrees_with_pyproject(env_file):
 def test_gpu_env_has_cuda_builds():
     gpu = yaml.safe_load((REPO / "envs/gpu.yaml").read_text())
     names = {_split(d)[0] for d in gpu["dependencies"] if isinstance(d, str)}
-    assert {"pytorch-cuda", "cupy"} <= names or {"cuda-version", "cupy"} <= names
+    # conda-forge's CUDA build of PyTorch (the pytorch channel has no pytorch-cuda after 2.5)
+    assert {"pytorch", "pytorch-gpu", "cuda-version", "cupy"} <= names and "pytorch-cuda" not in names
+    assert gpu["channels"] == ["conda-forge"], gpu["channels"]
+    cuda = [d for d in gpu["dependencies"] if isinstance(d, str) and _split(d)[0] == "cuda-version"][0]
+    assert re.search(r"(=|>=)\s*12", cuda), cuda
     cpu = yaml.safe_load((REPO / "envs/cpu.yaml").read_text())
-    assert "cpuonly" in {_split(d)[0] for d in cpu["dependencies"] if isinstance(d, str)}
+    assert "pytorch-cpu" in {_split(d)[0] for d in cpu["dependencies"] if isinstance(d, str)}
 
 
 def _rules():
@@ -98,7 +102,15 @@ def _rules():
 
 def test_every_shell_rule_has_a_conda_env():
     common = (REPO / "workflow/rules/common.smk").read_text()
-    env_vars = dict(re.findall(r'^(\w+)\s*=\s*"([^"]+\.yaml)"', common, re.M))
+    m = re.search(r'^ENV\s*=\s*f"([^"]+\.yaml)"', common, re.M)
+    assert m and "{config['conda_env']}" in m.group(1), "ENV must follow config conda_env"
+    schema = yaml.safe_load((REPO / "src/clcluster/config.schema.yaml").read_text())
+    choices = schema["properties"]["conda_env"]["enum"]
+    assert set(choices) == {p.stem for p in ENV_FILES}
+    for choice in choices:
+        target = (REPO / "workflow/rules" / m.group(1).replace("{config['conda_env']}", choice)).resolve()
+        assert target.exists() and target.parent == (REPO / "envs").resolve(), target
+    env_vars = {"ENV": m.group(1).replace("{config['conda_env']}", choices[0])}
     rules = _rules()
     assert len(rules) >= 8
     for f, name, body in rules:
@@ -115,3 +127,74 @@ def test_every_shell_rule_has_a_conda_env():
         base = (REPO / "workflow/rules") if ref in env_vars else f.parent
         target = (base / path).resolve()
         assert target.exists() and target.parent == (REPO / "envs").resolve(), f"rule {name}: {path} -> {target}"
+
+
+def _paths_in(env: dict) -> list[str]:
+    """Entries of an env file that name files or folders (pip paths, -e, -r, file: URLs)."""
+    out = []
+    for d in env["dependencies"]:
+        for item in (d.get("pip", []) if isinstance(d, dict) else [d]):
+            word = str(item).split()[-1]
+            if word.startswith((".", "/", "~", "file:")) or "/" in word:
+                out.append(word.removeprefix("file:"))
+    return out
+
+
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=[p.name for p in ENV_FILES])
+def test_env_file_works_from_snakemakes_copy(env_file, tmp_path):
+    """Snakemake creates an environment from a copy of the file (.snakemake/conda/<hash>.yaml):
+    every path in it must still resolve from there (a relative `-e ../` pointed into
+    .snakemake/ and pip failed). The package is installed by envs/<name>.post-deploy.sh, which
+    Snakemake copies next to the env and runs in Snakemake's working directory: from any
+    folder it installs CLCLUSTER_SOURCE (set by common.smk to workflow.basedir)."""
+    import shutil
+    import stat
+    import subprocess
+
+    copy_dir = tmp_path / ".snakemake/conda"
+    copy_dir.mkdir(parents=True)
+    copy = copy_dir / "0123abcd.yaml"
+    shutil.copy(env_file, copy)
+    for path in _paths_in(yaml.safe_load(copy.read_text())):
+        target = (copy_dir / Path(path).expanduser()).resolve()
+        assert (target / "pyproject.toml").exists() or target.is_file(), f"{env_file.name}: {path} -> {target}"
+    deploy = env_file.with_name(env_file.stem + ".post-deploy.sh")
+    assert deploy.exists(), f"{deploy.name} missing: nothing installs the package into the env"
+    deploy_copy = copy_dir / "0123abcd.post-deploy.sh"
+    shutil.copy(deploy, deploy_copy)
+    # a `python` that records its arguments stands in for the env's interpreter
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    shim = fake_bin / "python"
+    shim.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/python_args\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    elsewhere = tmp_path / "workdir"
+    elsewhere.mkdir()
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "CLCLUSTER_SOURCE": str(REPO)}
+    p = subprocess.run(["bash", str(deploy_copy)], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    args = (tmp_path / "python_args").read_text().split()
+    assert args[:3] == ["-m", "pip", "install"] and args[-1] == str(REPO) and "--no-deps" in args
+    # without CLCLUSTER_SOURCE it stops with a message instead of installing something else
+    p = subprocess.run(["bash", str(deploy_copy)], cwd=elsewhere, env={"PATH": env["PATH"]}, capture_output=True, text=True)
+    assert p.returncode != 0 and "CLCLUSTER_SOURCE" in p.stderr
+
+
+def test_workflow_exports_its_source_folder_and_picks_the_env_from_config(tmp_path):
+    """common.smk sets ENV to envs/<conda_env>.yaml and CLCLUSTER_SOURCE to the repository
+    (the folder with pyproject.toml), also when the main Snakefile and the working directory
+    are elsewhere: a Snakefile in a temporary folder includes it and prints both (dry run)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "Snakefile").write_text(
+        f'configfile: "{REPO}/config/config.yaml"\n'
+        f'include: "{REPO}/workflow/rules/common.smk"\n'
+        'print("ENV=" + ENV, "SOURCE=" + os.environ["CLCLUSTER_SOURCE"])\n'
+        "rule nothing:\n    output: []\n")
+    for choice in ("cpu", "gpu"):
+        p = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", f"conda_env={choice}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0, out[-3000:]
+        assert f"ENV=../../envs/{choice}.yaml SOURCE={REPO}\n" in out, out[-2000:]

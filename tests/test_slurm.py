@@ -199,3 +199,80 @@ def test_whole_workflow_through_slurm_profile(cluster, tmp_path):
     assert sorted(names) == sorted(inp.particles["rlnImageName"])
     assert set(out.particles["rlnClassNumber"]) <= set(range(1, 5))
     print(f"tiny workflow under local SLURM: {wall:.0f} s wall, {len(ids)} jobs")
+
+
+# A sitecustomize for the GPU-shaped submission: no GPU exists here, so inside each rank's
+# Python process (and only there) torch.cuda reports the devices that SLURM's
+# CUDA_VISIBLE_DEVICES lists; the device that backend.rank_device chooses from them is printed,
+# and the rank then computes on the CPU.
+FAKE_CUDA_SITECUSTOMIZE = '''
+import os
+if os.environ.get("CLCLUSTER_TEST_FAKE_CUDA") == "1":
+    import torch
+    from clcluster import backend
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: len([v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()])
+    _real_rank_device = backend.rank_device
+    def rank_device(device="auto", env=None):
+        chosen = _real_rank_device(device, env)
+        print(f"fake-cuda rank {os.environ.get('SLURM_PROCID')} localid {os.environ.get('SLURM_LOCALID')} "
+              f"visible {os.environ.get('CUDA_VISIBLE_DEVICES')} -> {chosen}", flush=True)
+        torch.cuda.is_available = lambda: False
+        return torch.device("cpu")
+    backend.rank_device = rank_device
+'''
+
+
+def _plugin_sbatch_options(resources: dict) -> list[str]:
+    """The options the SLURM executor plugin passes to sbatch for these resources, without
+    the ones tied to a Snakemake run (name, log, comment, partition, work dir)."""
+    import shlex
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_slurm_profile import sbatch_line
+
+    words, keep, i = shlex.split(sbatch_line(resources))[1:], [], 0
+    while i < len(words):
+        if words[i] in ("--job-name", "--output", "--comment", "-p", "-D"):
+            i += 2
+            continue
+        if words[i] != "--parsable":
+            keep.append(words[i])
+        i += 1
+    return keep
+
+
+def test_gpu_shaped_submission_chooses_one_gpu_per_rank(cluster, shards, tmp_path):
+    """The local row of docs/slurm.md's GPU table through real sbatch/srun on the local
+    cluster's 2 fake GPUs (--gres=gpu:2, 2 tasks per node): both ranks train together, and
+    each picks its GPU from the CUDA_VISIBLE_DEVICES that SLURM gave its step. All GPUs of
+    the node visible: rank i uses cuda:i. One GPU bound per task (srun --gpus-per-task=1):
+    every rank uses cuda:0 (rank 1 once asked for cuda:1, "invalid device ordinal")."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_slurm_profile import gpu_table
+
+    (setup, resources, launcher), = [r for r in gpu_table() if r[0].startswith("local")]
+    opts = _plugin_sbatch_options(resources)
+    assert "--gres=gpu:2" in opts and "--ntasks-per-node=2" in opts, opts
+    assert not any(o.startswith("--ntasks-per-gpu") for o in opts)
+    fake = tmp_path / "fake_cuda"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(FAKE_CUDA_SITECUSTOMIZE)
+    d, npys = shards
+    cfg = _write_config(tmp_path / "cfg.yaml", steps=2, batch_size=32)
+    common = f"clcluster train --shards {' '.join(npys)} --config {cfg} --device auto"
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nset -e\n"
+                      f"export CLCLUSTER_TEST_FAKE_CUDA=1 PYTHONPATH={fake}:${{PYTHONPATH:-}}\n"
+                      "echo job GPUs $CUDA_VISIBLE_DEVICES\n"
+                      f"{launcher} {common} --out {tmp_path}/all/encoder.pt\n"
+                      f"{launcher} --gpus-per-task=1 {common} --out {tmp_path}/bound/encoder.pt\n")
+    job, p = _sbatch(script, *opts, "-t", "15", "-o", str(tmp_path / "job.out"), "-J", "gpu-shaped")
+    out = (tmp_path / "job.out").read_text()
+    assert p.returncode == 0, out[-4000:]
+    assert "job GPUs 0,1" in out, out[-2000:]
+    chosen = re.findall(r"fake-cuda rank (\d) localid (\d) visible (\S+) -> (\S+)", out)
+    assert sorted(chosen[:2]) == [("0", "0", "0,1", "cuda:0"), ("1", "1", "0,1", "cuda:1")], out[-3000:]
+    assert sorted(chosen[2:]) == [("0", "0", "0", "cuda:0"), ("1", "1", "1", "cuda:0")], out[-3000:]
+    assert out.count("rank 0 of 2 (srun, gloo backend") == 2, out[-3000:]
+    assert (tmp_path / "all/encoder.pt").exists() and (tmp_path / "bound/encoder.pt").exists()

@@ -12,7 +12,7 @@ import numpy as np
 
 from .backend import asnumpy, get_array_module
 from .ctf import CTFParams, ctf_2d
-from .imageops import fourier_filter, fourier_shift, gaussian_lowpass, rotate
+from .imageops import fourier_filter, fourier_shift, freq_grid, gaussian_lowpass, rotate
 from .config import dataclass_from_dict
 
 
@@ -147,3 +147,82 @@ def augment(images, cfg: AugmentConfig, rng, apix: float = 1.0):
 def two_views(images, cfg: AugmentConfig, rng, apix: float = 1.0):
     """Two independent random views of each image (the contrastive pair)."""
     return augment(images, cfg, rng, apix), augment(images, cfg, rng, apix)
+
+
+# Columns of the one uniform draw per batch in `two_views_batched`.
+_U_BLUR, _U_BLUR_ON, _U_CTF_ON, _U_DEFOCUS, _U_ANGLE, _U_SHIFT_X, _U_SHIFT_Y = range(7)
+_U_SNR, _U_NOISE_ON, _U_SCALE, _U_OFFSET, _U_ERASE_ON, _U_ERASE_SIZE, _U_ERASE_Y, _U_ERASE_X, _U_MIRROR = range(7, 16)
+_U_COLUMNS = 16
+
+
+def _signal_filter(u, cfg: AugmentConfig, box: int, apix: float, xp):
+    """(m, D, D//2+1) Fourier filter: Gaussian blur times the |CTF| envelope (defocus in Å,
+    300 kV, Cs 2.7 mm, amplitude contrast 0.1), per image as `u` (m, 16) selects; None when
+    neither is enabled. Both are isotropic, so they commute with the in-plane rotation."""
+    from .ctf import electron_wavelength
+
+    use_blur = cfg.blur_prob > 0 and cfg.blur_sigma_max_px > 0
+    if not use_blur and cfg.ctf_prob <= 0:
+        return None
+    fy, fx = freq_grid(box, 1.0, xp)
+    f2 = (fx ** 2 + fy ** 2)[None]  # 1/px²
+    filt = xp.ones((u.shape[0], 1, 1), dtype=xp.float32)
+    if use_blur:
+        sigma = (u[:, _U_BLUR] * cfg.blur_sigma_max_px * (u[:, _U_BLUR_ON] < cfg.blur_prob)).reshape(-1, 1, 1)
+        filt = filt * xp.exp(-2 * (np.pi ** 2) * sigma ** 2 * f2)
+    if cfg.ctf_prob > 0:
+        lam = float(electron_wavelength(300.0))
+        df = (cfg.ctf_defocus_min_A + u[:, _U_DEFOCUS] * (cfg.ctf_defocus_max_A - cfg.ctf_defocus_min_A)).reshape(-1, 1, 1)
+        s2 = f2 / apix ** 2  # 1/Å²
+        chi = -np.pi * lam * df * s2 + (np.pi / 2) * 2.7e7 * lam ** 3 * s2 ** 2 - float(np.arctan(0.1 / np.sqrt(0.99)))
+        on = (u[:, _U_CTF_ON] < cfg.ctf_prob).reshape(-1, 1, 1)
+        filt = filt * xp.where(on, xp.abs(xp.sin(chi)), 1.0)
+    return filt.astype(xp.float32)
+
+
+def _erase_mask(u, cfg: AugmentConfig, box: int, xp):
+    """(m, D, D) bool: the square each image loses (none where the image is not erased)."""
+    size = (u[:, _U_ERASE_SIZE] * cfg.erase_max_frac * box).astype(xp.int64)
+    y0 = (u[:, _U_ERASE_Y] * (box - size)).astype(xp.int64)
+    x0 = (u[:, _U_ERASE_X] * (box - size)).astype(xp.int64)
+    g = xp.arange(box)
+    inside_y = (g[None] >= y0[:, None]) & (g[None] < (y0 + size)[:, None])
+    inside_x = (g[None] >= x0[:, None]) & (g[None] < (x0 + size)[:, None])
+    on = u[:, _U_ERASE_ON] < cfg.erase_prob
+    return inside_y[:, :, None] & inside_x[:, None, :] & on[:, None, None]
+
+
+def two_views_batched(images, cfg: AugmentConfig, rng, apix: float = 1.0):
+    """Two random views of each image (n, D, D), for the GPU: both views as one batch of 2n,
+    every per-image parameter from ONE uniform draw (2n, 16) and the noise from one normal
+    draw, all on the images' device (no host round trip); blur and |CTF| in one Fourier
+    filter, rotation and shift in one bilinear resampling. Same op families and ranges as
+    `augment` (a different random stream and interpolation, so not value-equal to it).
+    `rng`: a Generator of the images' array module, created once and reused across steps."""
+    _check_rng(images, rng)
+    xp = get_array_module(images)
+    n, box = images.shape[0], images.shape[-1]
+    m = 2 * n
+    u = rng.random((m, _U_COLUMNS), dtype=xp.float32)
+    x = xp.concatenate([images, images]).astype(xp.float32, copy=False)
+    filt = _signal_filter(u, cfg, box, apix, xp)
+    if filt is not None:
+        x = fourier_filter(x, filt)
+    angles = u[:, _U_ANGLE] * 360 if cfg.rotation else xp.zeros(m, xp.float32)
+    shifts = (u[:, [_U_SHIFT_X, _U_SHIFT_Y]] * 2 - 1) * max(cfg.max_shift_px, 0.0)
+    if cfg.rotation or cfg.max_shift_px > 0:
+        x = rotate(x, angles, shifts, method="bilinear")
+    if cfg.noise_prob > 0:
+        lo, hi = float(np.log(cfg.noise_snr_min)), float(np.log(cfg.noise_snr_max))  # Python floats: CuPy on the right
+        log_snr = lo + u[:, _U_SNR] * (hi - lo)
+        sigma = x.std(axis=(1, 2)) / xp.sqrt(xp.exp(log_snr)) * (u[:, _U_NOISE_ON] < cfg.noise_prob)
+        x = x + rng.standard_normal(x.shape, dtype=xp.float32) * sigma[:, None, None].astype(xp.float32)
+    if cfg.contrast_jitter > 0:
+        j = cfg.contrast_jitter
+        x = x * (1 + (2 * u[:, _U_SCALE, None, None] - 1) * j) + (2 * u[:, _U_OFFSET, None, None] - 1) * j
+    if cfg.erase_prob > 0:
+        x = xp.where(_erase_mask(u, cfg, box, xp), 0.0, x)
+    if cfg.mirror_prob > 0:
+        x = xp.where((u[:, _U_MIRROR] < cfg.mirror_prob)[:, None, None], x[:, :, ::-1], x)
+    x = x.astype(xp.float32)
+    return x[:n], x[n:]

@@ -167,10 +167,10 @@ def cmd_export(args) -> int:
     meta = json.loads(Path(args.preprocessed[0]).with_suffix(".json").read_text())
     feats = np.concatenate([np.load(e, mmap_mode="r") for e in args.embeddings]) if args.embeddings else None
     device = args.device or cfg["device"]
-    from .backend import torch_device
+    from .backend import select_device
 
     export(table, a, images, meta, args.classes or cfg["classes"], args.out_dir, ExportConfig.from_dict(ecfg),
-           embeddings=feats, device=str(torch_device(device)), seed=cfg["seed"])
+           embeddings=feats, device=str(select_device(device)), seed=cfg["seed"])
     return 0
 
 

@@ -13,7 +13,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from .align import (Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_references, similar_classes, soft_em,
                     split_merge)
-from .backend import torch_device
+from .backend import select_device
 from .config import dataclass_from_dict
 from .data import RowView, random_rows
 from .ml2d import ML2DResult, classify, polish
@@ -271,7 +271,7 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
         return result
     t1 = time.time()
     pg = PolarGrid(images.shape[-1], n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
-    tdev = torch_device(device)
+    tdev = select_device(device)
     rows = random_rows(len(features), cfg.refine_subset, [seed, REFINE_SUBSET])
     whole = len(rows) == len(features)
     sub_images = images if whole else RowView(images, rows)

@@ -97,7 +97,7 @@ def launcher_env(env=None) -> dict | None:
 
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
     """Join the process group that the launcher (torchrun or srun) describes, or stay a single
-    process. NCCL when CUDA is usable (each rank on GPU `local_rank`), gloo otherwise. Exports
+    process. NCCL when CUDA is usable (each rank on `backend.rank_device`), gloo otherwise. Exports
     RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT so that the rest of the
     code sees one convention. Returns (rank, world)."""
     if is_initialized():
@@ -111,7 +111,9 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(lay["local_rank"] % max(1, torch.cuda.device_count()))
+        from .backend import rank_device, use_device
+
+        use_device(rank_device("cuda"))  # local_rank % visible GPUs, for torch and CuPy
     dist.init_process_group(backend, init_method=f"tcp://{lay['addr']}:{lay['port']}", rank=lay["rank"],
                             world_size=lay["world"], timeout=datetime.timedelta(seconds=timeout_s))
     log.info("rank %d of %d (%s, %s backend, rendezvous %s:%d)", lay["rank"], lay["world"], lay["launcher"],

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backend import torch_device
+from .backend import select_device
 from .io.atomic import save_npy
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def embed_shard(encoder_path, shard_npy, out_path, batch_size: int = 128, device
     """Embed one preprocessed shard into `out_path` (.npy float32 (n, d)). Returns n."""
     from .models import load_encoder
 
-    tdev = torch_device(device)
+    tdev = select_device(device)
     if tdev.type == "cpu":
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     encoder, _ = load_encoder(encoder_path, tdev)

@@ -12,14 +12,15 @@ import math
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .augment import AugmentConfig, two_views
-from .backend import choose_array_module, to_torch, torch_device
+from .augment import AugmentConfig, two_views, two_views_batched
+from .backend import choose_array_module, select_device, to_torch
 from .data import BatchPlan, ShardSet
 from .io.atomic import atomic_path, write_text
 from .losses import nt_xent
@@ -83,24 +84,111 @@ def save_encoder(path, model: ContrastiveModel, cfg: TrainConfig, box: int, apix
         torch.save(payload, tmp)
 
 
-def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = "auto",
-          apix: float | None = None) -> dict:
-    """Train on the preprocessed shards; writes `out_path` (encoder), `<out>.ckpt` while running,
-    `<out stem>_loss.csv` and `_loss.png`. Returns {"steps", "final_loss", "images_per_s"}."""
-    out_path = Path(out_path)
-    ckpt_path = out_path.with_suffix(".ckpt")
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    tdev = torch_device(device) if device != "auto" or not torch.cuda.is_available() else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    xp = choose_array_module("cpu" if tdev.type == "cpu" else "auto")
-    if tdev.type == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
-    torch.manual_seed(seed)
-    data = ShardSet(shard_paths)
-    plan = BatchPlan(len(data), cfg.batch_size, seed, cfg.subset or None, rank, world)
-    aug = AugmentConfig.from_dict(cfg.augment)
-    model = ContrastiveModel(build_encoder(cfg.encoder, data.box, cfg.feature_dim), cfg.projection_dim).to(tdev)
-    if world > 1:  # batch statistics over the global batch, as on one process
-        model = convert_sync_batchnorm(model)
+class Checkpointer:
+    """`<encoder>.ckpt`: model, optimiser and scheduler state, the RNG states, the step reached
+    and the losses so far; written atomically by rank 0, read by every rank on resume."""
+
+    def __init__(self, path: Path, model, opt, sched, device: torch.device):
+        self.path, self.model, self.opt, self.sched, self.device = Path(path), model, opt, sched, device
+
+    def save(self, step: int, losses) -> None:
+        if dist_utils.is_main_process():
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "step": step, "losses": torch.tensor(losses)}
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            with atomic_path(self.path) as tmp:
+                torch.save(state, tmp)
+        dist_utils.barrier()
+
+    def load(self) -> tuple[int, list[float]]:
+        """Restore the saved state when a checkpoint exists. Returns (step to start at, losses).
+        Read onto the CPU: the RNG states must be CPU ByteTensors whatever device wrote them;
+        load_state_dict copies the rest onto the model's and optimiser's device."""
+        if not self.path.exists():
+            return 0, []
+        ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["torch_rng"])
+        if "cuda_rng" in ck and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
+        start = int(ck["step"])
+        log.info("resumed from %s at step %d", self.path, start)
+        return start, [float(v) for v in ck["losses"]]
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+
+
+class PreemptionGuard:
+    """While active, SIGTERM (preemption, scancel) and SIGUSR1 (sbatch --signal=USR1@secs before
+    the time limit) only set `signum`; the loop checkpoints and stops at an agreed step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+class BatchPrefetcher:
+    """Reads the images of step+1 from the shards in a background thread while step computes."""
+
+    def __init__(self, data: ShardSet, plan: BatchPlan, last_step: int):
+        self.data, self.plan, self.last = data, plan, last_step
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: dict[int, object] = {}
+
+    def _read(self, step: int):
+        idx = self.plan.batch(step)
+        return idx, self.data.take(idx)
+
+    def get(self, step: int):
+        """(indices, images (b, D, D)) of `step`; starts reading step+1."""
+        fut = self.pending.pop(step, None)
+        idx, images = fut.result() if fut is not None else self._read(step)
+        if step + 1 < self.last:
+            self.pending[step + 1] = self.pool.submit(self._read, step + 1)
+        return idx, images
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ViewMaker:
+    """The two augmented views of a step's local images. NumPy: `make_views` (seeded per group
+    of the global batch: the same views on any number of ranks). CuPy: `two_views_batched`
+    with one generator for the whole run, seeded by (seed, rank, first step)."""
+
+    def __init__(self, aug: AugmentConfig, seed: int, apix: float, xp, rank: int, start_step: int):
+        self.aug, self.seed, self.apix, self.xp = aug, seed, apix, xp
+        key = int(np.random.SeedSequence([seed, AUGMENT, rank, start_step]).generate_state(1, np.uint64)[0])
+        self.rng = None if xp is np else xp.random.default_rng(key)
+
+    def __call__(self, x, step: int, offset: int):
+        if self.rng is None:
+            return make_views(x, self.aug, self.seed, step, offset, self.apix, self.xp)
+        return two_views_batched(x, self.aug, self.rng, self.apix)
+
+
+def build_optimiser(model, cfg: TrainConfig):
+    """(optimiser, scheduler): AdamW or SGD, linear warm-up over 5% of the steps, cosine decay."""
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     elif cfg.optimizer == "adamw":
@@ -110,81 +198,105 @@ def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = 
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / max(cfg.steps, 1))))
-    losses: list[float] = []
-    start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=tdev, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["torch_rng"])
-        start = int(ck["step"])
-        losses = [float(v) for v in ck["losses"]]
-        log.info("resumed from %s at step %d", ckpt_path, start)
+    return opt, sched
+
+
+def train(shard_paths, out_path, cfg: TrainConfig, seed: int = 0, device: str = "auto",
+          apix: float | None = None) -> dict:
+    """Train on the preprocessed shards; writes `out_path` (encoder), `<out>.ckpt` while running,
+    `<out stem>_loss.csv` and `_loss.png`. Returns {"steps", "final_loss", "images_per_s"}."""
+    out_path = Path(out_path)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    tdev = select_device(device)
+    xp = choose_array_module("cpu" if tdev.type != "cuda" else "auto")
+    if tdev.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+    log.info("rank %d of %d computes on %s", rank, world, tdev)
+    torch.manual_seed(seed)
+    data = ShardSet(shard_paths)
+    plan = BatchPlan(len(data), cfg.batch_size, seed, cfg.subset or None, rank, world)
+    model = ContrastiveModel(build_encoder(cfg.encoder, data.box, cfg.feature_dim), cfg.projection_dim).to(tdev)
+    if world > 1:  # batch statistics over the global batch, as on one process
+        model = convert_sync_batchnorm(model)
+    opt, sched = build_optimiser(model, cfg)
+    ckpt = Checkpointer(out_path.with_suffix(".ckpt"), model, opt, sched, tdev)
+    start, losses = ckpt.load()
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[tdev.index] if tdev.type == "cuda" else None)
-    use_amp = tdev.type == "cuda"
-
-    def checkpoint(step):
-        if dist_utils.is_main_process():
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "torch_rng": torch.get_rng_state(), "step": step, "losses": torch.tensor(losses)}, tmp)
-        dist_utils.barrier()
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    last_ckpt = time.time()
-    t0, seen = time.time(), 0
+    views = ViewMaker(AugmentConfig.from_dict(cfg.augment), seed, apix or 1.0, xp, rank, start)
+    batches = BatchPrefetcher(data, plan, cfg.steps)
+    t0 = time.time()
     try:
-        for step in range(start, cfg.steps):
-            idx = plan.batch(step)
-            x = xp.asarray(data.take(idx))
-            v1, v2 = make_views(x, aug, seed, step, rank * len(idx), apix or 1.0, xp)
-            v1, v2 = to_torch(v1).to(tdev), to_torch(v2).to(tdev)
-            with torch.autocast(device_type=tdev.type, dtype=torch.bfloat16, enabled=use_amp):
-                z = ddp(torch.cat([v1, v2]))
-            z1, z2 = z.float().chunk(2)
-            loss = nt_xent(z1, z2, cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            # one small collective per step: the global loss, and whether any rank was signalled
-            # or rank 0's checkpoint timer ran out, so that all ranks checkpoint/stop at one step
-            timer = rank == 0 and cfg.checkpoint_minutes > 0 and time.time() - last_ckpt > 60 * cfg.checkpoint_minutes
-            loss_sum, n_signalled, n_timer = dist_utils.all_reduce_sum(
-                [float(loss.detach()), stop["signal"] is not None, timer])
-            losses.append(loss_sum / world)
-            seen += len(idx) * world
-            if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
-                log.info("step %d/%d loss %.4f (%.0f img/s)", step + 1, cfg.steps, np.mean(losses[-10:]), seen / (time.time() - t0))
-            if n_signalled:
-                stop["signal"] = stop["signal"] or signal.SIGTERM
-                checkpoint(step + 1)
-                raise _Preempted()
-            if n_timer:
-                checkpoint(step + 1)
-                last_ckpt = time.time()
+        with PreemptionGuard() as guard:
+            seen = _loop(ddp, opt, sched, cfg, tdev, xp, views, batches, ckpt, guard, start, losses)
     except _Preempted:
-        log.warning("signal %s: checkpoint written to %s, exiting; rerun to resume", stop["signal"], ckpt_path)
-        raise SystemExit(128 + int(stop["signal"])) from None
+        log.warning("signal %s: checkpoint written to %s, exiting; rerun to resume", guard.signum, ckpt.path)
+        raise SystemExit(128 + int(guard.signum)) from None
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        batches.close()
     rate = seen / max(time.time() - t0, 1e-9)
     if dist_utils.is_main_process():
         save_encoder(out_path, model, cfg, data.box, apix)
         write_loss_curve(out_path, losses)
-        if ckpt_path.exists():
-            ckpt_path.unlink()
+        ckpt.remove()
     dist_utils.barrier()
     return {"steps": cfg.steps, "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"), "images_per_s": rate}
+
+
+# On a GPU the loop reads the losses back (a device-to-host sync) and agrees on stopping with
+# the other ranks once per this many steps; on the CPU every step (nothing to wait for there).
+GPU_SYNC_EVERY = 10
+
+
+def sync_interval(tdev: torch.device) -> int:
+    """Steps between read-backs of the loss and stop votes: 1 on the CPU, GPU_SYNC_EVERY on CUDA."""
+    return GPU_SYNC_EVERY if tdev.type == "cuda" else 1
+
+
+def _loop(ddp, opt, sched, cfg: TrainConfig, tdev, xp, views: ViewMaker, batches: BatchPrefetcher,
+          ckpt: Checkpointer, guard: PreemptionGuard, start: int, losses: list) -> int:
+    """Steps start..cfg.steps-1; appends the global mean loss of every step to `losses`.
+    One small collective per sync: the losses since the last one, whether any rank was
+    signalled and whether rank 0's checkpoint timer ran out, so that all ranks checkpoint or
+    stop at the same step. Raises _Preempted after the checkpoint. Returns images seen."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    every = sync_interval(tdev)
+    use_amp = tdev.type == "cuda"
+    last_ckpt, t0, seen, pending = time.time(), time.time(), 0, []
+    for step in range(start, cfg.steps):
+        idx, images = batches.get(step)
+        x = xp.asarray(images)
+        v1, v2 = views(x, step, rank * len(idx))
+        v1, v2 = to_torch(v1).to(tdev), to_torch(v2).to(tdev)
+        with torch.autocast(device_type=tdev.type, dtype=torch.bfloat16, enabled=use_amp):
+            z = ddp(torch.cat([v1, v2]))
+        z1, z2 = z.float().chunk(2)
+        loss = nt_xent(z1, z2, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        pending.append(loss.detach())
+        seen += len(idx) * world
+        timer = rank == 0 and cfg.checkpoint_minutes > 0 and time.time() - last_ckpt > 60 * cfg.checkpoint_minutes
+        local_stop = world == 1 and (guard.signum is not None or timer)
+        if (step + 1) % every and step + 1 != cfg.steps and not local_stop:
+            continue
+        *loss_sums, n_signalled, n_timer = dist_utils.all_reduce_sum(
+            [*torch.stack(pending).float().cpu().tolist(), guard.signum is not None, timer])
+        losses.extend(v / world for v in loss_sums)
+        pending = []
+        if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
+            log.info("step %d/%d loss %.4f (%.0f img/s)", step + 1, cfg.steps, np.mean(losses[-10:]), seen / (time.time() - t0))
+        if n_signalled:
+            guard.signum = guard.signum or signal.SIGTERM
+            ckpt.save(step + 1, losses)
+            raise _Preempted()
+        if n_timer:
+            ckpt.save(step + 1, losses)
+            last_ckpt = time.time()
+    return seen
 
 
 def write_loss_curve(out_path: Path, losses) -> None:

@@ -1,5 +1,6 @@
 # Config validation, paths and input functions shared by the rules.
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -13,7 +14,12 @@ validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 R = config["results"].rstrip("/")
 SIMULATED = config["particles"] == ""
-ENV = "../../envs/cpu.yaml"
+# The conda environment of every shell rule (with --software-deployment-method conda):
+# envs/cpu.yaml or envs/gpu.yaml as config conda_env says. Their post-deploy scripts install
+# the package from CLCLUSTER_SOURCE: the repository this file is in (two folders up), whatever
+# the working directory or the main Snakefile.
+ENV = f"../../envs/{config['conda_env']}.yaml"
+os.environ["CLCLUSTER_SOURCE"] = str(Path(str(workflow.current_basedir)).resolve().parents[1])
 
 
 wildcard_constraints:

@@ -6,9 +6,11 @@
 #   "srun -n 2 -c 1"                                    2 ranks of a SLURM job (profiles/slurm)
 # Under the SLURM executor the profile also sets `tasks` (= ranks) and `mpi: "srun"`: the plugin
 # then submits `sbatch --ntasks=N` and runs this shell directly in the allocation (no wrapping
-# one-task srun, which would make a nested `srun -n N` deadlock). The plugin strips SLURM_*
-# variables from this shell, so the launcher must name the task count (-n) and, when
-# cpus_per_task > 1, -c. `clcluster train` finds its rank from srun's or torchrun's variables.
+# one-task srun, which would make a nested `srun -n N` deadlock). The plugin's job-step part
+# (snakemake-executor-plugin-slurm-jobstep 0.6) starts this shell without the allocation's
+# SLURM_* variables other than the job id, so the launcher must name the task count (-n) and,
+# when cpus_per_task > 1, -c. `clcluster train` finds its rank from srun's or torchrun's
+# variables and its GPU with backend.rank_device (local rank modulo the GPUs it sees).
 
 
 rule train_encoder:
