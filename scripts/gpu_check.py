@@ -182,7 +182,7 @@ def check_embed_and_estep(images: np.ndarray, device: str, small: bool, work: Pa
     from clcluster.backend import select_device
     from clcluster.embed import embed_images
     from clcluster.ml2d import classify, ml2d
-    from clcluster.train import load_encoder
+    from clcluster.models import load_encoder
 
     tdev = select_device(device)
     enc, _ = load_encoder(work / "enc60.pt", tdev)
