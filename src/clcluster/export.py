@@ -30,6 +30,7 @@ from .config import dataclass_from_dict
 log = logging.getLogger(__name__)
 
 AVERAGES = "class_averages.mrcs"
+TSNE_MIN_POINTS = 4
 
 
 class IntegrityError(RuntimeError):
@@ -137,8 +138,14 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, path, max_points: in
     n = len(features)
     rows = np.sort(rng.choice(n, size=min(n, max_points), replace=False))
     x = np.asarray(features[rows], dtype=np.float32)
-    perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3.0)))
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed).fit_transform(x)
+    if len(rows) < TSNE_MIN_POINTS:  # too few for t-SNE: the first two feature coordinates
+        log.warning("%d embeddings: too few for t-SNE (needs %d); plotting two feature coordinates", len(rows),
+                    TSNE_MIN_POINTS)
+        perplexity = None
+        xy = np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
+    else:  # perplexity must stay below the number of points (scikit-learn refuses otherwise)
+        perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3.0), len(rows) - 1.0))
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed).fit_transform(x)
     lab = np.asarray(labels)[rows]
     k = int(np.asarray(labels).max()) + 1
     fig, ax = plt.subplots(figsize=(6, 5.4))
@@ -147,7 +154,8 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, path, max_points: in
     for j in np.unique(lab):
         c = np.median(xy[lab == j], axis=0)
         ax.text(c[0], c[1], str(j + 1), fontsize=8, weight="bold", ha="center", va="center")
-    ax.set_title(f"t-SNE of {len(rows)} of {n} embeddings, coloured by class", fontsize=9)
+    ax.set_title(f"{'t-SNE' if perplexity else 'two feature coordinates'} of {len(rows)} of {n} embeddings, "
+                 "coloured by class", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
@@ -178,13 +186,15 @@ def write_model_star(path, quality: pd.DataFrame, apix: float, box: int, criteri
         starfile.write({"model_general": general, "model_classes": classes}, tmp, overwrite=True)
 
 
-def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float) -> np.ndarray:
+def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float | None = None) -> np.ndarray:
     """A cryoSPARC particle dataset (NumPy structured array, as `cryosparc-tools`' Dataset saves
     it): uid, blob/*, ctf/*, alignments2D/{class, pose, shift, psize_A}.
 
     blob/path is the resolved stack path; alignments2D/pose = psi in radians and
-    alignments2D/shift = RELION's origin in px of blob/psize_A (the mapping of pyem's
-    csparc2star)."""
+    alignments2D/shift = RELION's origin in px of the particle image, with
+    alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
+    image). `align_apix` (the working pixel size the poses were found at) is not needed: the
+    origins come in Å."""
     from .ctf import CTFParams
     from .averages import has_ctf
 
@@ -235,8 +245,8 @@ def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: floa
     cs["ctf/scale"] = 1.0 if scale is None else np.asarray(scale, dtype=np.float32)
     cs["ctf/scale_const"] = 0
     cs["alignments2D/pose"] = np.deg2rad(np.asarray(psi_deg, dtype=np.float64))
-    cs["alignments2D/shift"] = np.asarray(origin_A, dtype=np.float64) / align_apix
-    cs["alignments2D/psize_A"] = align_apix
+    cs["alignments2D/shift"] = np.asarray(origin_A, dtype=np.float64).reshape(-1, 2) / apix.astype(np.float64)[:, None]
+    cs["alignments2D/psize_A"] = apix
     cs["alignments2D/class_posterior"] = 1.0
     cs["alignments2D/class"] = np.asarray(classes0)
     cs["alignments2D/class_ess"] = 1.0
