@@ -271,7 +271,9 @@ def _cli(args, limit_bytes=None, cwd=None):
             import signal
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    import clcluster
+
+    env = dict(os.environ, PYTHONPATH=str(Path(clcluster.__file__).resolve().parents[1]))  # the code under test
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           preexec_fn=pre, env=env, cwd=cwd, timeout=300)
 
