@@ -394,6 +394,8 @@ def plan_lines(table: ParticleTable, ctf_required: bool) -> list[str]:
         return []
     if not ctf_required:
         what = "CTF correction off (--no-ctf): images used as they are"
+    elif any(table.column(label) is None for label in CTF_LABELS):
+        return ["CTF: the particles lack CTF columns, so preprocessing cannot correct them (see the problems below)"]
     else:
         parts = {RAW: "CTF-corrected by preprocessing (config preprocess.ctf)",
                  PHASE_FLIPPED: "already phase flipped (_rlnCtfDataArePhaseFlipped 1): not flipped again",
