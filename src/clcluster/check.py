@@ -28,8 +28,8 @@ import pandas as pd
 
 from .ctf import CTF_LABELS, PHASE_FLIPPED, PREMULTIPLIED, RAW, SIGN_CONVENTION, ctf_states, state_counts
 from .io.atomic import atomic_path
-from .io.mrc import (MRC_HEADER_BYTES, StackError, compression, open_stack, readable_images, stack_data,
-                     whole_file_problem)
+from .io.mrc import (MRC_HEADER_BYTES, WHOLE_FILE_FIX, StackError, compression, open_stack, readable_images,
+                     stack_data, whole_file_problem)
 from .io.star import ParticleFileError, ParticleTable, parse_image_name, write_star
 
 
@@ -275,11 +275,10 @@ def _check_stack(c: CheckInput, path: Path, image_size) -> list[Problem]:
             return stack(f"file is {size} bytes but its header describes {expected} bytes "
                          f"({data.shape[0]} images of {data.shape[2]}×{data.shape[1]}, mode {int(mrc.header.mode)})"
                          + ("; truncated?" if size < expected else "; corrupt header or data appended?"), recopy)
-        if path in c.whole:
-            why = whole_file_problem(mrc, path)
-            if why is not None:
-                return stack(f"the file {why.split(' but ', 1)[0][3:]}, but _rlnImageName names the whole file "
-                             "(no index@) as one particle", why.split("; ", 1)[-1])
+        what = whole_file_problem(mrc) if path in c.whole else None
+        if what is not None:
+            return stack(f"the file is {what}, but _rlnImageName names the whole file (no index@) as one particle",
+                         WHOLE_FILE_FIX)
         nimg, ny, nx = data.shape
         if nx != ny:
             return stack(f"images are not square ({nx}×{ny} px)", "re-extract with a square box")
@@ -538,7 +537,8 @@ def _write_selection(args, table: ParticleTable, problems: list[Problem]) -> int
         write_star(tmp_star, good.with_absolute_paths())  # stack paths absolute: OUT_STAR may live anywhere
         excluded.to_csv(tmp_csv, index=False)
     print(f"excluded {len(excluded)} of {len(table)} particles (listed in {csv}); {len(good)} written to {out}")
-    if args.classes is not None and args.classes > len(good):
-        print(f"error: {args.classes} classes but only {len(good)} particles remain", file=sys.stderr)
+    if args.classes is not None and len(good) < min_particles(args.classes):
+        print(f"error: {args.classes} classes but only {len(good)} particles remain (at least "
+              f"{min_particles(args.classes)} needed)", file=sys.stderr)
         return 1
     return 0

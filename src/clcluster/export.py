@@ -322,9 +322,9 @@ def refine_poses(table, images, labels, averages: Averages, poses: Poses, cfg: E
                  work_apix: float) -> Poses:
     """Local refinement of every particle's angle and shift against its class average, at the
     averages' pixel size (the input images' for "input" averages): angles within one working
-    angle step of the class pose, shifts within one working pixel (+1 px), sub-pixel."""
+    angle step of the class pose, shifts within half a working pixel + 1 px of it, sub-pixel."""
     angle_step = 360.0 / cfg.align_angles
-    shift_range = work_apix / averages.apix + 1.0
+    shift_range = 0.5 * work_apix / averages.apix + 1.0
     start = poses.shift_at(averages.apix)
     kw = dict(angle_range_deg=angle_step, shift_range_px=shift_range, n_angles=cfg.refine_angle_samples)
     if averages.source == "input":

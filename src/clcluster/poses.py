@@ -27,7 +27,7 @@ class LocalPoses:
     angle_deg: np.ndarray  # (n,) refined a, degrees
     shift_px: np.ndarray  # (n, 2) refined s, px of the images refined against
     score: np.ndarray  # (n,) NCC at the refined pose's grid point
-    start_score: np.ndarray  # (n,) NCC at the starting pose (δ = 0, shift nearest the start)
+    start_score: np.ndarray  # (n,) NCC at the starting angle (δ = 0; best shift within the window)
     angle_step_deg: float  # spacing of the local angle grid (refined further by the parabola)
 
 

@@ -140,19 +140,20 @@ def stack_shape(path) -> tuple[int, int, int]:
         return tuple(stack_data(mrc).shape)
 
 
-def whole_file_problem(mrc, path) -> str | None:
-    """Why a file named without `index@` (the whole file as one particle image) is not one 2D
-    image, or None when it is: a 3D volume (subtomogram, map) or a stack of several images."""
+WHOLE_FILE_FIX = ("name one image per particle as index@stack (1-based), or, for subtomograms, extract 2D "
+                  "particles (or project the subtomograms) and classify those: clcluster classifies 2D particle images")
+
+
+def whole_file_problem(mrc) -> str | None:
+    """What a file named without `index@` (the whole file as one particle image) is when it is
+    not one 2D image ("a 3D volume of ...", "a stack of N images ..."), or None when it is one."""
     data = mrc.data
     if data.ndim == 2 or data.shape[0] == 1:
         return None
     n, ny, nx = data.shape
-    volume = not isinstance(mrc, PartialStack) and mrc.is_volume()
-    what = (f"a 3D volume of {nx}×{ny}×{n} voxels (a subtomogram or map; or a stack flagged as a volume)" if volume
-            else f"a stack of {n} images of {nx}×{ny} px (e.g. the tilt images of one subtomogram)")
-    return (f"is {what}, but _rlnImageName names the whole file (no index@) as one particle; clcluster "
-            "classifies 2D particle images: name one image per particle as index@stack (1-based), or, for "
-            "subtomograms, extract 2D particles (or project the subtomograms) and classify those")
+    if not isinstance(mrc, PartialStack) and mrc.is_volume():
+        return f"a 3D volume of {nx}×{ny}×{n} voxels (a subtomogram or map; or a stack flagged as a volume)"
+    return f"a stack of {n} images of {nx}×{ny} px (e.g. the tilt images of one subtomogram)"
 
 
 def read_images(paths, indices, names=None, whole=None) -> np.ndarray:
@@ -171,10 +172,11 @@ def read_images(paths, indices, names=None, whole=None) -> np.ndarray:
         with open_stack(path) as mrc:
             who = lambda r: f" ({names[r]})" if names is not None else ""
             if whole[rows].any():
-                why = whole_file_problem(mrc, path)
-                if why is not None:
+                what = whole_file_problem(mrc)
+                if what is not None:
                     r = rows[int(np.flatnonzero(whole[rows])[0])]
-                    raise StackError(f"{path}: particle {r + 1}{who(r)}: the file {why}")
+                    raise StackError(f"{path}: particle {r + 1}{who(r)}: the file is {what}, but _rlnImageName "
+                                     f"names the whole file (no index@) as one particle; {WHOLE_FILE_FIX}")
             data = stack_data(mrc)
             idx = np.asarray(indices)[rows]
             bad = np.flatnonzero((idx < 0) | (idx >= data.shape[0]))
