@@ -24,12 +24,13 @@ import starfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from clcluster.ctf import CTFParams  # noqa: E402
-from clcluster.export import ExportConfig, export  # noqa: E402
-from clcluster.io.star import read_star  # noqa: E402
-from clcluster.preprocess import PreprocessConfig, preprocess_batch  # noqa: E402
-from clcluster.simulate import SimulationConfig, simulate, write_simulation  # noqa: E402
-from test_poses import _scatter  # noqa: E402
+from test_poses import _scatter
+
+from clcluster.ctf import CTFParams
+from clcluster.export import ExportConfig, export
+from clcluster.io.star import read_star
+from clcluster.preprocess import PreprocessConfig, preprocess_batch
+from clcluster.simulate import SimulationConfig, simulate, write_simulation
 
 
 def run_case(box: int, work: int, snr: float, views: int = 4, per_view: int = 60, seed: int = 3) -> dict:

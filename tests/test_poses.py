@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import starfile
 
-from clcluster.ctf import CTFParams, phase_flip
+from clcluster.ctf import CTFParams
 from clcluster.export import ExportConfig, export
-from clcluster.imageops import fourier_shift, normalise_background, rotate
+from clcluster.imageops import fourier_shift, rotate
 from clcluster.io.star import read_star
 from clcluster.poses import refine_batch, rotation_matrices
 from clcluster.preprocess import PreprocessConfig, preprocess_batch
@@ -34,7 +34,7 @@ def sim():
 def test_refinement_recovers_exact_poses_from_the_quantised_grid(sim):
     """Noise-free images against the true projections: from poses rounded to the working grid
     (2.8 deg, 2 input px) back to the truth within 0.2 deg and 0.15 px."""
-    cfg, s = sim
+    _cfg, s = sim
     t = s.truth
     labels = t["class"].to_numpy()
     truth_shift = t[["shift_x_px", "shift_y_px"]].to_numpy()
