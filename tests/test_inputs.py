@@ -315,6 +315,25 @@ def test_enough_particles_pass(tmp_path):
     assert check_particles(t, classes=1) == [] and check_particles(t, classes=5) == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 5])
+def test_ten_particles_run_end_to_end(tmp_path, k):
+    """The smallest input `check` accepts runs through every step (the workflow, tiny config)."""
+    from clcluster.simulate import SimulationConfig, simulate, write_simulation
+
+    cfg = SimulationConfig(views=2, images_per_view=5, snr=0.5, seed=2)
+    star = write_simulation(simulate(cfg), cfg, tmp_path / "data")
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", "--configfile",
+           str(REPO / "tests/workflow/config.yaml"), "--config", f"results={results}", f"particles={star}",
+           f"classes={k}"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    classified = read_star(results / "export/particles_classified.star")
+    assert len(classified) == 10 and set(classified.particles["rlnClassNumber"]) <= set(range(1, k + 1))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_embedding_map_of_few_points(tmp_path, n):
     from clcluster.export import embedding_map
