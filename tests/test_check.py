@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from clcluster import check
 from clcluster.check import check_particles, exclude_bad, format_report
 from clcluster.io import ParticleFileError, ParticleTable, read_star, write_star
+from clcluster.io.mrc import StackError, read_images
 
 BOX = 16
 
@@ -64,8 +65,8 @@ def messages(problems):
 
 
 def test_good_input(tmp_path):
-    make_stack(tmp_path / "Stacks" / "a.mrcs", 4)
-    t = make_table(tmp_path, [f"{i}@Stacks/a.mrcs" for i in range(1, 5)])
+    make_stack(tmp_path / "Stacks" / "a.mrcs", 12)
+    t = make_table(tmp_path, [f"{i}@Stacks/a.mrcs" for i in range(1, 13)])
     assert check_particles(t, classes=2, batch=3) == []
     assert format_report([]) == "No problems found."
 
@@ -161,7 +162,7 @@ def test_duplicates(tmp_path):
     assert good.particles["rlnImageName"].tolist() == ["1@a.mrcs", "2@a.mrcs"]
 
 
-@pytest.mark.parametrize("cut, words", [(-100, "truncated"), (+64, "header describes"), (-5000, "corrupt or truncated")])
+@pytest.mark.parametrize("cut, words", [(+64, "header describes"), (-5000, "corrupt or truncated")])
 def test_corrupt_mrc(tmp_path, cut, words):
     make_stack(tmp_path / "a.mrcs", 5)
     raw = (tmp_path / "a.mrcs").read_bytes()
@@ -171,12 +172,36 @@ def test_corrupt_mrc(tmp_path, cut, words):
     assert p.scope == "stack" and words in p.message and p.rows == (1, 2)
 
 
+def test_truncated_stack_keeps_readable_images(tmp_path, capsys):
+    """A stack whose header claims more images than the file holds (WarpTools/M, a copy cut
+    short): the particles of complete images are usable; the others are named, excludable."""
+    make_stack(tmp_path / "a.mrcs", 5)
+    raw = (tmp_path / "a.mrcs").read_bytes()
+    (tmp_path / "a.mrcs").write_bytes(raw[:-100])  # image 5 incomplete
+    t = make_table(tmp_path, ["1@a.mrcs", "2@a.mrcs", "4@a.mrcs"])
+    notes = []
+    assert check_particles(t, notes=notes) == []
+    assert "holds only images 1-4" in notes[0]
+    images = read_images(*t.image_refs())
+    with mrcfile.open(tmp_path / "a.mrcs", permissive=True) as m:  # mrcfile reads the header alone
+        assert m.data is None
+    assert images.shape == (3, BOX, BOX) and np.isfinite(images).all()
+    t = make_table(tmp_path, ["1@a.mrcs", "5@a.mrcs"])
+    (p,) = check_particles(t)
+    assert p.scope == "particle" and p.row == 2 and "holds only images 1-4" in p.message
+    with pytest.raises(StackError, match="holds only images 1-4 of the 5"):
+        read_images(*t.image_refs())
+    out = tmp_path / "good.star"
+    assert run_cli([t.path, "--exclude-bad", out]) == 0
+    assert read_star(out).particles["rlnImageName"].str.endswith("1@" + str(tmp_path / "a.mrcs")).tolist() == [True]
+
+
 def test_classes_larger_than_particles(tmp_path):
     make_stack(tmp_path / "a.mrcs", 2)
     t = make_table(tmp_path, ["1@a.mrcs", "2@a.mrcs"])
     (p,) = check_particles(t, classes=3)
     assert "3 classes asked for but there are 2 particles" in p.message
-    assert check_particles(t, classes=2) == []
+    assert check_particles(t) == []
 
 
 def test_all_problems_reported_together(tmp_path):
@@ -209,7 +234,8 @@ def test_cli(tmp_path, capsys):
     assert len(good) == 2 and good.flavour == "3.1"
     ex = pd.read_csv(csv)
     assert ex["row"].tolist() == [3] and ex["rlnImageName"].tolist() == ["3@a.mrcs"]
-    assert run_cli([out, "--classes", "2"]) == 0
+    assert run_cli([out]) == 0
+    assert run_cli([out, "--classes", "1"]) == 1  # 2 particles: too few for the pipeline
     assert run_cli([tmp_path / "missing.star"]) == 2
     assert run_cli([star, "--no-ctf", "--classes", "5", "--exclude-bad", out]) == 1  # table-level: not excludable
 

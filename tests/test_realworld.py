@@ -174,3 +174,24 @@ def test_cs_and_star_agree(corpus):
         np.testing.assert_allclose(np.asarray(getattr(a, field), float), np.asarray(getattr(b, field), float),
                                    rtol=1e-5, atol=1e-5, err_msg=field)
     np.testing.assert_allclose(cs.pixel_size(), st.pixel_size(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(READ))
+def test_check_reports_ctf_plan_and_sign_convention(corpus, name, capsys):
+    """`clcluster check` says what it will do about RELION's CTF state flags (none of the corpus
+    files sets them) and which defocus sign it assumes."""
+    import argparse
+
+    from clcluster import check
+
+    args = check.add_args(argparse.ArgumentParser()).parse_args([str(corpus / name), "--no-pixels"])
+    check.main(args)
+    out = capsys.readouterr().out
+    t = read_particles(corpus / name)
+    if all(t.column(c) is not None for c in ("rlnDefocusU", "rlnVoltage", "rlnSphericalAberration",
+                                             "rlnAmplitudeContrast", "rlnDefocusV", "rlnDefocusAngle")):
+        assert f"CTF: {len(t)} particles CTF-corrected by preprocessing" in out
+        assert "defocus sign: defocus in Å, positive = underfocus" in out
+    else:
+        assert "CTF: the particles lack CTF columns" in out
+

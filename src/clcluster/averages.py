@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
-from .ctf import CTF_LABELS, CTFParams, ctf_2d
+from .ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
 from .imageops import circular_mask, normalise_background
 from .io.mrc import read_images
 from .rng import HALF_SETS_OFFSET
@@ -127,7 +127,13 @@ def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px
     angle_deg (n,), shift_px (n, 2): poses in px of THESE images. halves (n,) in {0, 1}: half
     set of each particle (the full average uses both). Images are normalised as RELION does
     (background outside 0.375 x box: mean 0, std 1). Without CTF columns (or ctf=False) the
-    CTF is taken as 1 (plain aligned means, regularised the same way)."""
+    CTF is taken as 1 (plain aligned means, regularised the same way).
+
+    Images already corrected (the optics groups' `_rlnCtfDataArePhaseFlipped` /
+    `_rlnCtfDataAreCtfPremultiplied`, see `ctf.ctf_states`) are brought to CTF x raw image by
+    |CTF| (phase flipped) or left as they are (premultiplied) instead of x CTF, so every
+    particle enters the numerator as CTF_i X_i and the denominator as CTF_i^2 (RELION's CTF^2
+    weighting of premultiplied data)."""
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     halves = np.zeros(n, np.int64) if halves is None else np.asarray(halves, dtype=np.int64)
@@ -137,13 +143,15 @@ def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px
         log.warning("particles have several pixel sizes (%s Å/px); averaging at %.4f Å/px",
                     np.unique(apix_all)[:5], apix)
     params = CTFParams.from_table(table) if (ctf and has_ctf(table)) else None
+    states = ctf_states(table)
     paths, idx = table.image_refs()
+    whole = table.whole_file_rows()
     names = table.particles["rlnImageName"].astype(str).to_numpy() if "rlnImageName" in table.particles else None
     num = den = None
     box = None
     for s in range(0, n, batch_size):
         rows = np.arange(s, min(n, s + batch_size))
-        x = read_images([paths[i] for i in rows], idx[rows], None if names is None else names[rows])
+        x = read_images([paths[i] for i in rows], idx[rows], None if names is None else names[rows], whole[rows])
         if box is None:
             box = x.shape[-1]
             num = np.zeros((2 * k, box, box // 2 + 1), np.complex128)
@@ -152,7 +160,7 @@ def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px
         a = np.asarray(angle_deg, dtype=np.float64)[rows]
         if params is not None:
             p = params.subset(rows)
-            c = ctf_2d(p, box, apix)
+            c = to_ctf_weighted(ctf_2d(p, box, apix), states[rows])  # CTF x raw image, whatever the input state
             x = np.fft.irfft2(np.fft.rfft2(x) * c, s=(box, box)).astype(np.float32)
             # the CTF seen in the class frame: rotated with the particle (astigmatism angle + a)
             p_ref = dataclasses.replace(p, defocus_angle=np.asarray(p.defocus_angle, dtype=np.float64) + a)

@@ -6,6 +6,7 @@ filled in) and takes its inputs and outputs as arguments. Units: Å, degrees, pi
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -346,9 +347,31 @@ def main(argv=None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ParticleFileError, StackError, IntegrityError, ValueError, FileNotFoundError) as e:
+    except (ParticleFileError, StackError, IntegrityError, ValueError) as e:
         print(f"clcluster {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # cannot read or write a file: one line naming it and the cause
+        print(f"clcluster {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+OS_ERROR_HINTS = {
+    errno.EFBIG: "the file size limit was reached (ulimit -f, or the file system's largest file)",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EACCES: "no permission",
+    errno.EPERM: "no permission",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """'PATH: cause (what it means)' for a failed read or write."""
+    path = e.filename if e.filename is not None else "(file)"
+    cause = e.strerror or str(e)
+    hint = OS_ERROR_HINTS.get(e.errno)
+    return f"{path}: {cause}" + (f" ({hint}); nothing was left half-written" if hint else "")
 
 
 if __name__ == "__main__":

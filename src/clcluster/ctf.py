@@ -16,6 +16,31 @@ from .imageops import fourier_filter, freq_grid
 CTF_LABELS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
               "rlnSphericalAberration", "rlnAmplitudeContrast")
 
+# What the particle images already are, from RELION's per-optics-group flags:
+#   "raw": as recorded (image = CTF * signal + noise);
+#   "phase_flipped" (_rlnCtfDataArePhaseFlipped 1): image = sign(CTF) * raw;
+#   "premultiplied" (_rlnCtfDataAreCtfPremultiplied 1, written by RELION 4/5 and WarpTools):
+#       image = CTF * raw, so its phases are already right and it carries CTF^2 * signal.
+RAW, PHASE_FLIPPED, PREMULTIPLIED = "raw", "phase_flipped", "premultiplied"
+CTF_STATE_LABELS = {PHASE_FLIPPED: "rlnCtfDataArePhaseFlipped", PREMULTIPLIED: "rlnCtfDataAreCtfPremultiplied"}
+
+
+SIGN_CONVENTION = ("defocus in Å, positive = underfocus (RELION's convention, also CTFFIND's, Gctf's and "
+                   "cryoSPARC's)")
+
+
+def negative_defocus_message(table, defocus_u, defocus_v) -> str | None:
+    """Why negative defocus values cannot be used (None when all are >= 0)."""
+    with np.errstate(invalid="ignore"):
+        neg = np.flatnonzero((np.asarray(defocus_u) < 0) | (np.asarray(defocus_v) < 0))
+    if not neg.size:
+        return None
+    i = int(neg[0])
+    return (f"{neg.size} of {len(defocus_u)} particles have negative defocus (e.g. row {i + 1}, {table.image_name(i)}: "
+            f"_rlnDefocusU {defocus_u[i]:g} Å, _rlnDefocusV {defocus_v[i]:g} Å). clcluster assumes {SIGN_CONVENTION}; "
+            "with negative values the CTF correction would invert the images' contrast. If the tool that wrote "
+            "them uses the opposite sign, negate both columns; if these particles are really overfocus, exclude them")
+
 
 def electron_wavelength(voltage_kv):
     """Relativistic electron wavelength in Å for an acceleration voltage in kV."""
@@ -61,9 +86,47 @@ class CTFParams:
                 "add them or set preprocess.ctf: none")
         n = len(table)
         get = lambda label, default: np.asarray(table.column(label, default), dtype=np.float64).reshape(n)
+        message = negative_defocus_message(table, get("rlnDefocusU", None), get("rlnDefocusV", None))
+        if message:
+            raise ParticleFileError(f"{table.path}: {message}")
         return cls(get("rlnDefocusU", None), get("rlnDefocusV", None), get("rlnDefocusAngle", None),
                    get("rlnVoltage", None), get("rlnSphericalAberration", None), get("rlnAmplitudeContrast", None),
                    get("rlnPhaseShift", 0.0), get("rlnCtfBfactor", 0.0))
+
+
+def _flag(table, label) -> np.ndarray:
+    v = table.column(label)
+    if v is None:
+        return np.zeros(len(table), bool)
+    num = np.asarray([str(x).strip().strip("\"'").lower() for x in v], dtype=object)
+    return np.isin(num, ["1", "1.0", "true", "yes"])
+
+
+def ctf_states(table) -> np.ndarray:
+    """(n,) str: RAW, PHASE_FLIPPED or PREMULTIPLIED for each particle of a ParticleTable, from
+    the flags of its optics group (or its own row in RELION 3.0 files). Premultiplied wins where
+    both flags are set (its phases are corrected as well)."""
+    states = np.full(len(table), RAW, dtype=object)
+    states[_flag(table, CTF_STATE_LABELS[PHASE_FLIPPED])] = PHASE_FLIPPED
+    states[_flag(table, CTF_STATE_LABELS[PREMULTIPLIED])] = PREMULTIPLIED
+    return states
+
+
+def state_counts(states) -> dict:
+    """{state: number of particles} for the states present."""
+    values, counts = np.unique(np.asarray(states, dtype=object).astype(str), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}
+
+
+def to_ctf_weighted(ctf, states, xp=np):
+    """The Fourier factor (n, ...) that turns each image into CTF * raw image: CTF for raw
+    images, |CTF| for phase-flipped ones, 1 for premultiplied ones (they already are)."""
+    st = np.asarray(states, dtype=object) if states is not None else np.full(ctf.shape[0], RAW, dtype=object)
+    shape = (ctf.shape[0],) + (1,) * (ctf.ndim - 1)
+    flipped = xp.asarray((st == PHASE_FLIPPED).reshape(shape))
+    premult = xp.asarray((st == PREMULTIPLIED).reshape(shape))
+    out = xp.where(flipped, xp.abs(ctf), ctf)
+    return xp.where(premult, xp.ones_like(ctf), out)
 
 
 def ctf_2d(params: CTFParams, box: int, apix: float, xp=np, rfft: bool = True):
@@ -103,14 +166,24 @@ def apply_ctf(images, params: CTFParams, apix: float):
     return fourier_filter(images, ctf_2d(params, images.shape[-1], apix, xp))
 
 
-def correction_filter(params: CTFParams, box: int, apix: float, mode: str = "phase_flip", snr: float = 0.1, xp=np):
-    """The Fourier-space CTF correction (n, box, box//2+1) on `xp`: sign(CTF) for "phase_flip",
-    CTF / (CTF^2 + 1/snr) for "wiener"."""
+def correction_filter(params: CTFParams, box: int, apix: float, mode: str = "phase_flip", snr: float = 0.1, xp=np,
+                      states=None):
+    """The Fourier-space CTF correction (n, box, box//2+1) on `xp`.
+
+    Raw images: sign(CTF) for "phase_flip", CTF / (CTF^2 + 1/snr) for "wiener". `states` (n,)
+    (see `ctf_states`) keeps already corrected images from being corrected twice: phase-flipped
+    and premultiplied images get 1 for "phase_flip" (their phases are right), and for "wiener"
+    |CTF| / (CTF^2 + 1/snr) (phase-flipped) or 1 / (CTF^2 + 1/snr) (premultiplied), so every
+    image ends up as the same Wiener estimate."""
     c = ctf_2d(params, box, apix, xp)
     if mode == "phase_flip":
-        return xp.sign(c)
+        f = xp.sign(c)
+        if states is not None:
+            done = xp.asarray((np.asarray(states, dtype=object) != RAW).reshape(-1, 1, 1))
+            f = xp.where(done, xp.ones_like(f), f)
+        return f
     if mode == "wiener":
-        return c / (c * c + 1.0 / snr)
+        return to_ctf_weighted(c, states, xp) / (c * c + 1.0 / snr)
     raise ValueError(f"unknown CTF correction {mode!r} (phase_flip | wiener | none)")
 
 

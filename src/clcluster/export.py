@@ -22,6 +22,7 @@ import pandas as pd
 
 from .averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses, relion_pose,
                        split_halves, wiener_class_averages)
+from .poses import refine_array, refine_original
 from .io.atomic import atomic_path, write_text
 from .io.mrc import StackError, write_stack
 from .io.star import ParticleTable, write_star
@@ -31,6 +32,7 @@ from .rng import CRYOSPARC_UID_SEED
 log = logging.getLogger(__name__)
 
 AVERAGES = "class_averages.mrcs"
+TSNE_MIN_POINTS = 4
 
 
 class IntegrityError(RuntimeError):
@@ -74,6 +76,8 @@ class ExportConfig:
     tsne_max_points: int = 2000
     batch_size: int = 256
     cache_mb: int = 1000
+    refine_poses: bool = True
+    refine_angle_samples: int = 9
 
     @classmethod
     def from_dict(cls, d):
@@ -138,8 +142,14 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, path, max_points: in
     n = len(features)
     rows = np.sort(rng.choice(n, size=min(n, max_points), replace=False))
     x = np.asarray(features[rows], dtype=np.float32)
-    perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3.0)))
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed).fit_transform(x)
+    if len(rows) < TSNE_MIN_POINTS:  # too few for t-SNE: the first two feature coordinates
+        log.warning("%d embeddings: too few for t-SNE (needs %d); plotting two feature coordinates", len(rows),
+                    TSNE_MIN_POINTS)
+        perplexity = None
+        xy = np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
+    else:  # perplexity must stay below the number of points (scikit-learn refuses otherwise)
+        perplexity = float(min(30.0, max(2.0, (len(rows) - 1) / 3.0), len(rows) - 1.0))
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=seed).fit_transform(x)
     lab = np.asarray(labels)[rows]
     k = int(np.asarray(labels).max()) + 1
     fig, ax = plt.subplots(figsize=(6, 5.4))
@@ -148,7 +158,8 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, path, max_points: in
     for j in np.unique(lab):
         c = np.median(xy[lab == j], axis=0)
         ax.text(c[0], c[1], str(j + 1), fontsize=8, weight="bold", ha="center", va="center")
-    ax.set_title(f"t-SNE of {len(rows)} of {n} embeddings, coloured by class", fontsize=9)
+    ax.set_title(f"{'t-SNE' if perplexity else 'two feature coordinates'} of {len(rows)} of {n} embeddings, "
+                 "coloured by class", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
@@ -179,13 +190,15 @@ def write_model_star(path, quality: pd.DataFrame, apix: float, box: int, criteri
         starfile.write({"model_general": general, "model_classes": classes}, tmp, overwrite=True)
 
 
-def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float) -> np.ndarray:
+def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float | None = None) -> np.ndarray:
     """A cryoSPARC particle dataset (NumPy structured array, as `cryosparc-tools`' Dataset saves
     it): uid, blob/*, ctf/*, alignments2D/{class, pose, shift, psize_A}.
 
     blob/path is the resolved stack path; alignments2D/pose = psi in radians and
-    alignments2D/shift = RELION's origin in px of blob/psize_A (the mapping of pyem's
-    csparc2star)."""
+    alignments2D/shift = RELION's origin in px of the particle image, with
+    alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
+    image). `align_apix` (the working pixel size the poses were found at) is not needed: the
+    origins come in Å."""
     from .ctf import CTFParams
     from .averages import has_ctf
 
@@ -236,8 +249,8 @@ def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: floa
     cs["ctf/scale"] = 1.0 if scale is None else np.asarray(scale, dtype=np.float32)
     cs["ctf/scale_const"] = 0
     cs["alignments2D/pose"] = np.deg2rad(np.asarray(psi_deg, dtype=np.float64))
-    cs["alignments2D/shift"] = np.asarray(origin_A, dtype=np.float64) / align_apix
-    cs["alignments2D/psize_A"] = align_apix
+    cs["alignments2D/shift"] = np.asarray(origin_A, dtype=np.float64).reshape(-1, 2) / apix.astype(np.float64)[:, None]
+    cs["alignments2D/psize_A"] = apix
     cs["alignments2D/class_posterior"] = 1.0
     cs["alignments2D/class"] = np.asarray(classes0)
     cs["alignments2D/class_ess"] = 1.0
@@ -250,85 +263,125 @@ def write_cs(path, cs: np.ndarray) -> None:
             np.save(f, cs)
 
 
-# ---- the export step ------------------------------------------------------------------------------------
-def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_dir, cfg: ExportConfig | dict | int | None = None,
-           embeddings=None, device: str = "cpu", seed: int = 0) -> dict:
-    """Write the exports into `out_dir`.
+# ---- the export step: poses -> averages -> quality -> writers -----------------------------------------
+@dataclasses.dataclass
+class Poses:
+    """Per-particle in-plane poses: angle a (deg) and shift s (px at `apix` Å/px), NCC score."""
 
-    assignments: per-input-row arrays ("labels", optionally "angle_deg", "shift_px", "distance",
-    "margin"); images: the preprocessed particles in input order (array-like (n, box, box));
-    meta: the preprocessed shards' sidecar (apix_A of `images`, input_apix_A, ...) or just the
-    working pixel size in Å/px; embeddings: (n, d) features in input order (for the t-SNE map)."""
-    if isinstance(cfg, int):  # older signature: gallery_columns
-        cfg = ExportConfig(gallery_columns=cfg)
-    cfg = cfg if isinstance(cfg, ExportConfig) else ExportConfig.from_dict(cfg)
-    meta = {"apix_A": float(meta)} if not isinstance(meta, dict) else dict(meta)
-    out_dir = Path(out_dir)
-    labels = np.asarray(assignments["labels"], dtype=np.int64)
-    n = len(table)
-    if len(labels) != n:
-        raise IntegrityError(f"{len(labels)} labels for {n} input particles")
-    if n == 0:
-        raise IntegrityError("no particles to export")
-    if labels.min() < 0 or labels.max() >= k:
-        raise IntegrityError(f"labels outside 1..{k}")
-    if len(images) != n:
-        raise IntegrityError(f"{len(images)} preprocessed images for {n} input particles")
-    work_apix = float(meta["apix_A"])
-    counts = np.bincount(labels, minlength=k)
+    angle_deg: np.ndarray
+    shift_px: np.ndarray
+    apix: float
+    score: np.ndarray
+    history: list
+    refinement: dict | None = None
 
-    # 1. in-plane poses: reference-free alignment within each class, at the working box
+    def shift_at(self, apix: float) -> np.ndarray:
+        """Shifts in px of images at `apix` Å/px."""
+        return self.shift_px * (self.apix / apix)
+
+
+@dataclasses.dataclass
+class Averages:
+    full: np.ndarray  # (k, box, box)
+    halves: np.ndarray  # (2, k, box, box)
+    apix: float
+    source: str  # "input" (original images, CTF-aware) or "working" (preprocessed images)
+
+
+def class_poses(images, labels, k: int, assignments: dict, work_apix: float, cfg: ExportConfig, device: str,
+                seed: int) -> Poses:
+    """Reference-free alignment within each class at the working box (`averages.refine_class_poses`)."""
     start = assignments.get("angle_deg") if cfg.start_from_cluster_pose else None
-    poses = refine_class_poses(images, labels, k, start, assignments.get("shift_px") if start is not None else None,
-                               iterations=cfg.align_iterations, n_angles=cfg.align_angles,
-                               max_shift_px=cfg.align_max_shift_px, device=device, seed=seed,
-                               batch_size=cfg.batch_size, cache_mb=cfg.cache_mb)
-    psi, ox_A, oy_A = relion_pose(poses.angle_deg, poses.shift_px, work_apix)
+    cp = refine_class_poses(images, labels, k, start, assignments.get("shift_px") if start is not None else None,
+                            iterations=cfg.align_iterations, n_angles=cfg.align_angles,
+                            max_shift_px=cfg.align_max_shift_px, device=device, seed=seed,
+                            batch_size=cfg.batch_size, cache_mb=cfg.cache_mb)
+    return Poses(cp.angle_deg, cp.shift_px, work_apix, cp.score, cp.history)
 
-    # 2. CTF-aware averages of the original images (working-box means as the fallback)
-    halves = split_halves(labels, seed)
-    avg_where = cfg.average_box
-    if avg_where == "input":
+
+def make_averages(table, images, labels, k: int, poses: Poses, halves, cfg: ExportConfig, where: str,
+                  work_apix: float) -> Averages:
+    """Class averages and half-set averages: CTF-aware from the original images at their box
+    (where="input"; falls back to "working" when the originals cannot be read) or aligned means
+    of the preprocessed images (where="working")."""
+    if where == "input":
         in_apix = float(np.median(table.pixel_size()))
         try:
-            wa = wiener_class_averages(table, labels, k, poses.angle_deg, poses.shift_px * (work_apix / in_apix),
+            wa = wiener_class_averages(table, labels, k, poses.angle_deg, poses.shift_at(in_apix),
                                        snr=cfg.wiener_snr, halves=halves, batch_size=cfg.batch_size)
-            avgs, half_avgs, avg_apix = wa.full, wa.halves, wa.apix
+            return Averages(wa.full, wa.halves, wa.apix, "input")
         except (StackError, FileNotFoundError, OSError) as e:
             log.warning("cannot read the original images (%s); averaging the preprocessed images instead", e)
-            avg_where = "working"
-    if avg_where == "working":
-        avgs = aligned_means(images, labels, k, poses.angle_deg, poses.shift_px)
-        half_avgs = np.stack([aligned_means(images, np.where(halves == h, labels, k), k + 1, poses.angle_deg,
-                                            poses.shift_px)[:k] for h in (0, 1)])
-        avg_apix = work_apix
-    res_A, curves = half_set_resolution(half_avgs, avg_apix, cfg.frc_threshold)
+    work = poses.shift_at(work_apix)  # px of the preprocessed images
+    avgs = aligned_means(images, labels, k, poses.angle_deg, work)
+    half_avgs = np.stack([aligned_means(images, np.where(halves == h, labels, k), k + 1, poses.angle_deg, work)[:k]
+                          for h in (0, 1)])
+    return Averages(avgs, half_avgs, work_apix, "working")
+
+
+def refine_poses(table, images, labels, averages: Averages, poses: Poses, cfg: ExportConfig,
+                 work_apix: float) -> Poses:
+    """Local refinement of every particle's angle and shift against its class average, at the
+    averages' pixel size (the input images' for "input" averages): angles within one working
+    angle step of the class pose, shifts within half a working pixel + 1 px of it, sub-pixel."""
+    angle_step = 360.0 / cfg.align_angles
+    shift_range = 0.5 * work_apix / averages.apix + 1.0
+    start = poses.shift_at(averages.apix)
+    kw = dict(angle_range_deg=angle_step, shift_range_px=shift_range, n_angles=cfg.refine_angle_samples)
+    if averages.source == "input":
+        lp = refine_original(table, labels, averages.full, poses.angle_deg, start, batch_size=cfg.batch_size, **kw)
+    else:
+        lp = refine_array(images, labels, averages.full, poses.angle_deg, start, batch_size=cfg.batch_size, **kw)
+    moved = np.linalg.norm(lp.shift_px - start, axis=1)
+    turned = np.abs((lp.angle_deg - poses.angle_deg + 180.0) % 360.0 - 180.0)
+    info = {"apix_A": averages.apix, "box": int(averages.full.shape[-1]), "angle_window_deg": angle_step,
+            "angle_grid_deg": lp.angle_step_deg, "shift_window_px": shift_range,
+            "mean_ncc_before": float(np.mean(lp.start_score)), "mean_ncc_after": float(np.mean(lp.score)),
+            "median_shift_change_px": float(np.median(moved)), "median_angle_change_deg": float(np.median(turned)),
+            "grid_before": {"angle_step_deg": angle_step, "shift_step_px": work_apix / averages.apix}}
+    log.info("pose refinement at %.3f Å/px: mean NCC %.4f -> %.4f, median change %.2f px, %.2f deg",
+             averages.apix, info["mean_ncc_before"], info["mean_ncc_after"], info["median_shift_change_px"],
+             info["median_angle_change_deg"])
+    return Poses(lp.angle_deg, lp.shift_px, averages.apix, poses.score, poses.history, info)
+
+
+@dataclasses.dataclass
+class Quality:
+    table: pd.DataFrame  # one row per class (averages.class_quality)
+    resolution_A: np.ndarray  # (k,), NaN for classes of fewer than 2 particles
+    curves: np.ndarray  # (k, box//2+1) FRC of the half-set averages
+    order: np.ndarray  # classes, best ranked first (0-based)
+
+
+def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig) -> Quality:
+    """Half-set FRC resolution, per-class quality, ranking and selection."""
+    counts = np.bincount(labels, minlength=k)
+    res_A, curves = half_set_resolution(averages.halves, averages.apix, cfg.frc_threshold)
     res_A = np.where(counts >= 2, res_A, np.nan)
+    q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
+                      cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select)
+    return Quality(q, res_A, curves, np.argsort(q["rank"].to_numpy()))
 
-    # 3. quality, ranking, selection
-    quality = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
-                            cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select)
-    order = np.argsort(quality["rank"].to_numpy())
-    selected_classes = quality.loc[quality["selected"], "class"].to_numpy()
-    box = avgs.shape[-1]
 
-    # 4. files
-    write_stack(out_dir / AVERAGES, avgs, avg_apix)
-    write_model_star(out_dir / "class_averages.star", quality, avg_apix, box, cfg.frc_threshold)
+def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Quality, cfg: ExportConfig) -> None:
+    """class_averages.mrcs/.star, class_quality.csv, the gallery and the FRC plot."""
+    counts = np.bincount(labels, minlength=k)
+    box, res_A, q = averages.full.shape[-1], quality.resolution_A, quality.table
+    write_stack(out_dir / AVERAGES, averages.full, averages.apix)
+    write_model_star(out_dir / "class_averages.star", q, averages.apix, box, cfg.frc_threshold)
     with atomic_path(out_dir / "class_quality.csv") as tmp:
-        quality.to_csv(tmp, index=False, float_format="%.4g")
+        q.to_csv(tmp, index=False, float_format="%.4g")
     titles = [f"class {j + 1}  n={counts[j]}\n" + (f"{res_A[j]:.1f} Å" if np.isfinite(res_A[j]) else "–")
-              + ("  junk" if quality["suggestion"][j] == "junk" else "") for j in range(k)]
-    gallery(avgs, counts, out_dir / "class_averages.png", cfg.gallery_columns, order, titles,
-            junk=(quality["suggestion"] == "junk").to_numpy())
-    frc_plot(curves, box, avg_apix, cfg.frc_threshold, out_dir / "frc.png", order[: min(k, 12)])
-    tsne = None
-    if embeddings is not None:
-        if len(embeddings) != n:
-            log.warning("%d embeddings for %d particles: no embedding map", len(embeddings), n)
-        else:
-            tsne = embedding_map(np.asarray(embeddings), labels, out_dir / "embedding_map.png", cfg.tsne_max_points, seed)
+              + ("  junk" if q["suggestion"][j] == "junk" else "") for j in range(k)]
+    gallery(averages.full, counts, out_dir / "class_averages.png", cfg.gallery_columns, quality.order, titles,
+            junk=(q["suggestion"] == "junk").to_numpy())
+    frc_plot(quality.curves, box, averages.apix, cfg.frc_threshold, out_dir / "frc.png", quality.order[: min(k, 12)])
 
+
+def classified_table(table: ParticleTable, labels, poses: Poses, assignments: dict, cfg: ExportConfig):
+    """The input table with class, pose (RELION convention, flavour's units) and clcluster
+    columns added; also returns (psi [deg], origin [Å] (n, 2))."""
+    psi, ox_A, oy_A = relion_pose(poses.angle_deg, poses.shift_px, poses.apix)
     parts = table.particles.copy()
     parts["rlnClassNumber"] = labels + 1
     if cfg.write_poses:
@@ -344,27 +397,86 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
             if assignments.get(key) is not None:
                 parts[col] = np.asarray(assignments[key], dtype=np.float64)
         parts["rlnClclusterScore"] = np.asarray(poses.score, dtype=np.float64)
-    classified = table.with_particles(parts)
+    return table.with_particles(parts), psi, np.stack([ox_A, oy_A], axis=1)
+
+
+def _validate(table, labels, images, k: int) -> None:
+    n = len(table)
+    if len(labels) != n:
+        raise IntegrityError(f"{len(labels)} labels for {n} input particles")
+    if n == 0:
+        raise IntegrityError("no particles to export")
+    if labels.min() < 0 or labels.max() >= k:
+        raise IntegrityError(f"labels outside 1..{k}")
+    if len(images) != n:
+        raise IntegrityError(f"{len(images)} preprocessed images for {n} input particles")
+
+
+def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_dir, cfg: ExportConfig | dict | int | None = None,
+           embeddings=None, device: str = "cpu", seed: int = 0) -> dict:
+    """Write the exports into `out_dir`: poses -> averages -> (pose refinement -> averages) ->
+    quality -> writers.
+
+    assignments: per-input-row arrays ("labels", optionally "angle_deg", "shift_px", "distance",
+    "margin"); images: the preprocessed particles in input order (array-like (n, box, box));
+    meta: the preprocessed shards' sidecar (apix_A of `images`, input_apix_A, ...) or just the
+    working pixel size in Å/px; embeddings: (n, d) features in input order (for the t-SNE map)."""
+    if isinstance(cfg, int):  # older signature: gallery_columns
+        cfg = ExportConfig(gallery_columns=cfg)
+    cfg = cfg if isinstance(cfg, ExportConfig) else ExportConfig.from_dict(cfg)
+    meta = {"apix_A": float(meta)} if not isinstance(meta, dict) else dict(meta)
+    out_dir = Path(out_dir)
+    labels = np.asarray(assignments["labels"], dtype=np.int64)
+    _validate(table, labels, images, k)
+    work_apix = float(meta["apix_A"])
+    poses = class_poses(images, labels, k, assignments, work_apix, cfg, device, seed)
+    halves = split_halves(labels, seed)
+    averages = make_averages(table, images, labels, k, poses, halves, cfg, cfg.average_box, work_apix)
+    if cfg.refine_poses:
+        poses = refine_poses(table, images, labels, averages, poses, cfg, work_apix)
+        averages = make_averages(table, images, labels, k, poses, halves, cfg, averages.source, work_apix)
+    quality = assess_quality(labels, k, averages, poses, assignments, cfg)
+    write_averages(out_dir, labels, k, averages, quality, cfg)
+    return write_particles(out_dir, table, labels, k, poses, averages, quality, assignments, cfg, embeddings, seed)
+
+
+def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages: Averages, quality: Quality,
+                    assignments: dict, cfg: ExportConfig, embeddings, seed: int) -> dict:
+    """The embedding map, per-class / selected / classified STARs, the .cs files and summary.json
+    (the classified STAR last: its presence means the export is complete). Returns the summary."""
+    n, counts = len(table), np.bincount(labels, minlength=k)
+    q = quality.table
+    selected_classes = q.loc[q["selected"], "class"].to_numpy()
+    tsne = None
+    if embeddings is not None:
+        if len(embeddings) != n:
+            log.warning("%d embeddings for %d particles: no embedding map", len(embeddings), n)
+        else:
+            tsne = embedding_map(np.asarray(embeddings), labels, out_dir / "embedding_map.png", cfg.tsne_max_points, seed)
+    classified, psi, origin_A = classified_table(table, labels, poses, assignments, cfg)
     for j in range(k):
         write_star(out_dir / "classes" / f"class_{j + 1:03d}.star", classified.subset(np.flatnonzero(labels == j)))
     sel_rows = np.flatnonzero(np.isin(labels + 1, selected_classes))
     write_star(out_dir / "particles_selected.star", classified.subset(sel_rows))
     if cfg.cryosparc:
-        cs = cs_array(table, psi, np.stack([ox_A, oy_A], axis=1), labels, work_apix)
+        cs = cs_array(table, psi, origin_A, labels)
         write_cs(out_dir / "particles_classified.cs", cs)
         write_cs(out_dir / "particles_selected.cs", cs[sel_rows])
+    res_A = quality.resolution_A
     summary = {
         "particles": n, "classes": k, "class_sizes": counts.tolist(), "selected_classes": selected_classes.tolist(),
         "selected_particles": int(len(sel_rows)), "selection": "user list export.select" if cfg.select else
         f"automatic: resolution <= {cfg.junk_resolution_A} Å and fraction >= {cfg.min_class_fraction}",
-        "averages": {"box": int(box), "apix_A": avg_apix, "from": "original images, CTF-aware (Wiener)"
-                     if avg_where == "input" else "preprocessed images (aligned means)", "wiener_snr": cfg.wiener_snr},
+        "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
+                     "from": "original images, CTF-aware (Wiener)" if averages.source == "input"
+                     else "preprocessed images (aligned means)", "wiener_snr": cfg.wiener_snr},
         "frc_criterion": cfg.frc_threshold, "resolution_A": [None if not np.isfinite(r) else round(float(r), 2) for r in res_A],
-        "rank_order": (order + 1).tolist(), "alignment_mean_ncc": poses.history,
-        "started_from_cluster_pose": start is not None, "embedding_map": tsne,
+        "rank_order": (quality.order + 1).tolist(), "alignment_mean_ncc": poses.history,
+        "pose_refinement": poses.refinement,
+        "started_from_cluster_pose": bool(cfg.start_from_cluster_pose and assignments.get("angle_deg") is not None),
+        "embedding_map": tsne,
     }
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    # the classified STAR last: its presence means the export is complete
     write_star(out_dir / "particles_classified.star", classified)
     log.info("exported %d particles in %d classes to %s; selected classes %s (%d particles)", n, k, out_dir,
              selected_classes.tolist(), len(sel_rows))

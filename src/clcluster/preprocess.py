@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import asnumpy, choose_array_module, get_array_module
-from .ctf import CTFParams, correction_filter
+from .ctf import PHASE_FLIPPED, PREMULTIPLIED, RAW, CTFParams, correction_filter, ctf_states, state_counts
 from .imageops import circular_mask, fourier_crop_filtered, fourier_filter, freq_grid, lowpass, normalise_background
 from .io.atomic import atomic_path, write_text
 from .io.mrc import read_images
@@ -51,7 +51,8 @@ class PreprocessConfig:
         return self.bg_radius_px if self.bg_radius_px > 0 else 0.375 * self.box
 
 
-def preprocess_batch(images, ctf: CTFParams | None, apix: float, cfg: PreprocessConfig, mask: bool = True):
+def preprocess_batch(images, ctf: CTFParams | None, apix: float, cfg: PreprocessConfig, mask: bool = True,
+                     states=None):
     """images (n, D, D) at `apix` Å/px → (n, box, box) float32 at apix * D / box, NumPy or CuPy
     (the result lives on the input's device; CTF parameters stay host arrays).
 
@@ -59,11 +60,13 @@ def preprocess_batch(images, ctf: CTFParams | None, apix: float, cfg: Preprocess
     Fourier crop/pad to cfg.box (one rFFT of the input, one inverse rFFT at the working box), optional low-pass to cfg.lowpass_A Å, background
     normalisation (mean 0, std 1 outside cfg.bg_radius() working px), and, if `mask` and
     cfg.mask_radius_px > 0, a soft circular mask (3 px raised-cosine edge). Whitening needs the
-    shard's noise spectrum and is done by `preprocess_table` (which passes mask=False first)."""
+    shard's noise spectrum and is done by `preprocess_table` (which passes mask=False first).
+    `states` (n,): what each image already is (`ctf.ctf_states`: raw, phase_flipped or
+    premultiplied); already corrected images are not corrected twice (see `correction_filter`)."""
     box_in = images.shape[-1]
     filt = None
     if ctf is not None and cfg.ctf != "none":
-        filt = correction_filter(ctf, box_in, apix, cfg.ctf, cfg.wiener_snr, get_array_module(images))
+        filt = correction_filter(ctf, box_in, apix, cfg.ctf, cfg.wiener_snr, get_array_module(images), states)
     x = fourier_crop_filtered(images, cfg.box, filt)  # CTF correction and crop in one Fourier pass
     new_apix = apix * box_in / cfg.box
     if cfg.lowpass_A > 0:
@@ -135,6 +138,7 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
     xp = choose_array_module(device)
     n = len(table)
     paths, indices = table.image_refs()
+    whole = table.whole_file_rows()
     names = table.particles["rlnImageName"].astype(str).tolist()
     apix_all = table.pixel_size()
     if len(np.unique(np.round(apix_all, 4))) > 1:
@@ -142,6 +146,7 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
                          "preprocess optics groups separately")
     apix = float(apix_all[0])
     ctf_all = CTFParams.from_table(table) if cfg.ctf != "none" else None
+    states = ctf_states(table)
     t0 = time.time()
     from numpy.lib.format import open_memmap
 
@@ -152,13 +157,13 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
         box_in = None
         for s in range(0, n, cfg.batch_size):
             rows = np.arange(s, min(n, s + cfg.batch_size))
-            raw = read_images([paths[i] for i in rows], indices[rows], [names[i] for i in rows])
+            raw = read_images([paths[i] for i in rows], indices[rows], [names[i] for i in rows], whole[rows])
             if not np.isfinite(raw).all():
                 bad = rows[np.flatnonzero(~np.isfinite(raw).reshape(len(rows), -1).all(1))[0]]
                 raise ValueError(f"{paths[bad]}: particle row {bad + 1} ({names[bad]}) has non-finite pixels (NaN/inf)")
             box_in = raw.shape[-1]
             x = preprocess_batch(xp.asarray(raw), ctf_all.subset(rows) if ctf_all is not None else None, apix, cfg,
-                                 mask=not cfg.whiten)
+                                 mask=not cfg.whiten, states=states[rows])
             del raw
             if cfg.whiten and s < spectrum_images:
                 ps, pc = radial_power_sums(x[: max(0, spectrum_images - s)])
@@ -176,23 +181,54 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
         out.flush()
         del out
     work_apix = apix * (box_in or cfg.box) / cfg.box
-    flipped = cfg.ctf in ("phase_flip", "wiener") and ctf_all is not None
-    meta = {"particles": n, "box": cfg.box, "input_box": box_in, "input_apix_A": apix,
+    meta = _sidecar(n, cfg, box_in, apix, work_apix, ctf_all is not None, states, spectrum, xp)
+    try:
+        write_text(out_path.with_suffix(".json"), json.dumps(meta, indent=2))
+    except BaseException:
+        out_path.unlink(missing_ok=True)  # no array without its sidecar: nothing half-written
+        raise
+    return meta
+
+
+CTF_DONE = {  # what preprocessing does to images in each input state, per correction mode
+    "phase_flip": {RAW: "phase flipped", PHASE_FLIPPED: "nothing (already phase flipped)",
+                   PREMULTIPLIED: "nothing (premultiplied by the CTF: phases already right)"},
+    "wiener": {RAW: "Wiener filtered: CTF / (CTF^2 + 1/snr)", PHASE_FLIPPED: "Wiener filtered: |CTF| / (CTF^2 + 1/snr)",
+               PREMULTIPLIED: "Wiener filtered: 1 / (CTF^2 + 1/snr) (already multiplied by the CTF)"},
+}
+
+
+def ctf_record(cfg: PreprocessConfig, has_ctf: bool, states) -> dict:
+    """Per input state (raw / phase_flipped / premultiplied, from the optics groups' RELION
+    flags): how many particles, and what was done to them."""
+    counts = state_counts(states)
+    done = CTF_DONE.get(cfg.ctf) if has_ctf else None
+    return {state: {"particles": c, "applied": done[state] if done else "nothing (CTF correction off)"}
+            for state, c in counts.items()}
+
+
+def _sidecar(n, cfg, box_in, apix, work_apix, has_ctf, states, spectrum, xp) -> dict:
+    """The JSON sidecar of a preprocessed shard: sizes, pixel sizes and every step applied."""
+    counts = state_counts(states)
+    corrected_raw = has_ctf and counts.get(RAW, 0) > 0
+    phases_right = n > 0 and (has_ctf or counts.get(RAW, 0) == 0)
+    return {"particles": n, "box": cfg.box, "input_box": box_in, "input_apix_A": apix,
             "apix_A": work_apix, "ctf_correction": cfg.ctf,
             "wiener_snr": cfg.wiener_snr if cfg.ctf == "wiener" else None,
+            "ctf_input": ctf_record(cfg, has_ctf, states),
             # what the particles' STAR rows would say about the pixels of this array (RELION's
             # optics label; a Wiener filter also corrects the phases). The export does not add it:
             # these arrays are the working copy, the exported STAR points at the original stacks.
-            "star_labels": {"rlnCtfDataArePhaseFlipped": int(flipped), "rlnImagePixelSize": work_apix,
+            "star_labels": {"rlnCtfDataArePhaseFlipped": int(phases_right), "rlnImagePixelSize": work_apix,
                             "rlnImageSize": cfg.box},
             "steps": [step for step, on in (
-                (f"ctf_{cfg.ctf}", flipped), (f"fourier_crop_{box_in}_to_{cfg.box}", True),
-                (f"lowpass_{cfg.lowpass_A}A", cfg.lowpass_A > 0), (f"normalise_background_r{cfg.bg_radius(work_apix):g}px", True),
+                (f"ctf_{cfg.ctf}", corrected_raw or (has_ctf and cfg.ctf == "wiener")),
+                (f"fourier_crop_{box_in}_to_{cfg.box}", True),
+                (f"lowpass_{cfg.lowpass_A}A", cfg.lowpass_A > 0),
+                (f"normalise_background_r{cfg.bg_radius(work_apix):g}px", True),
                 ("whiten", cfg.whiten), (f"soft_mask_r{cfg.mask_radius_px:g}px", cfg.mask_radius_px > 0)) if on],
             "bg_radius_px": cfg.bg_radius(work_apix), "lowpass_A": cfg.lowpass_A or None,
             "mask_radius_px": cfg.mask_radius_px if cfg.mask_radius_px > 0 else None,
             "whitened": cfg.whiten,
             "noise_spectrum": [float(v) for v in asnumpy(spectrum)] if spectrum is not None else None,
             "batch_size": cfg.batch_size, "array_module": xp.__name__, "dtype": "float16"}
-    write_text(out_path.with_suffix(".json"), json.dumps(meta, indent=2))
-    return meta

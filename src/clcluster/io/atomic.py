@@ -1,6 +1,7 @@
 """Atomic file writes: write under a temporary name in the same folder, rename when complete.
 
-An interrupted step therefore never leaves a file that looks finished.
+An interrupted step therefore never leaves a file that looks finished; an OSError while writing
+(permissions, full disk, file size limit) is re-raised naming the target path.
 """
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ def atomic_path(path, suffix: str | None = None):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp, str(tmp)):
+            # name the file the user asked for, not the temporary one (write errors often carry no name)
+            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 

@@ -163,6 +163,13 @@ class ParticleTable:
             paths.append(cache[stack])
         return paths, indices
 
+    def whole_file_rows(self) -> np.ndarray:
+        """(n,) bool: particles whose `_rlnImageName` has no `index@`, i.e. the whole file is
+        meant to be the particle's image (it must then hold one 2D image)."""
+        if "rlnImageName" not in self.particles.columns:
+            return np.zeros(len(self.particles), bool)
+        return ~self.particles["rlnImageName"].astype(str).str.contains("@", regex=False).to_numpy()
+
     def with_absolute_paths(self) -> "ParticleTable":
         """The same table with every `_rlnImageName` stack path made absolute (index text kept),
         so that a STAR written from it can live in any folder."""
@@ -232,6 +239,7 @@ class _Block:
     labels: list = dataclasses.field(default_factory=list)
     nrows: int = 0
     first_line: int = 0
+    items: dict = dataclasses.field(default_factory=dict)   # key-value blocks: label -> text
 
 
 def _tokens(line: str) -> int:
@@ -276,6 +284,7 @@ def _scan_star(text: str, path) -> tuple[str, list[_Block], int | None, bool]:
         elif block.kind == "simple":      # key-value block: starfile's shlex split breaks on some
             del out[block_start:]         # values; keep it only if it is a single particle
             changed = True
+            block.items = {k[1:]: v.strip() for k, v in simple_lines}
             if any(k == "_rlnImageName" for k, _ in simple_lines):
                 out.append(f"data_{block.name}")
                 out.append("loop_")
@@ -416,6 +425,35 @@ def _is_optics(df) -> bool:
         "rlnVoltage" in df.columns or "rlnImagePixelSize" in df.columns or "rlnOpticsGroupName" in df.columns)
 
 
+def _subtomogram_reasons(blocks: list[_Block], table: ParticleTable | None) -> list[str]:
+    """What says that the particles are subtomograms (3D, or 2D stacks of tilt images)."""
+    reasons = []
+    for b in blocks:
+        v = b.items.get("rlnTomoSubTomosAre2DStacks", "").strip("\"'")
+        if v in ("1", "1.0", "true", "True"):
+            reasons.append(f"data_{b.name} says _rlnTomoSubTomosAre2DStacks {v}: each particle is a stack of "
+                           "tilt images (the 2D-stack subtomograms RELION 5 and WarpTools write)")
+    if table is not None:
+        dims = table.column("rlnImageDimensionality")
+        if dims is not None:
+            d = pd.to_numeric(pd.Series(dims), errors="coerce").to_numpy()
+            if np.any(d == 3):
+                reasons.append(f"_rlnImageDimensionality is 3 for {int(np.sum(d == 3))} particles (subtomograms)")
+    return reasons
+
+
+def _refuse_subtomograms(path, blocks: list[_Block], table: ParticleTable | None = None) -> None:
+    """Raise ParticleFileError for subtomogram particle files (never read one tilt image or
+    one z-slice as the particle)."""
+    reasons = _subtomogram_reasons(blocks, table)
+    if reasons:
+        raise ParticleFileError(
+            f"{path}: subtomogram particles, not 2D particle images ({'; '.join(reasons)}). clcluster "
+            "classifies single 2D particle images, one image per _rlnImageName (index@stack); extract 2D "
+            "particles from the micrographs (e.g. RELION Extract), or project the subtomograms, and classify "
+            "those")
+
+
 def read_star(path, root=None) -> ParticleTable:
     """Read a RELION 3.1+ (optics + particles) or 3.0 (particles only) STAR file.
 
@@ -453,6 +491,7 @@ def read_star(path, root=None) -> ParticleTable:
                 "which one is meant is ambiguous: keep one, or name it data_particles")
         cands = named
     pblock = cands[0]
+    _refuse_subtomograms(path, blocks)
 
     tmp = None
     try:
@@ -497,6 +536,7 @@ def read_star(path, root=None) -> ParticleTable:
         return table  # an empty particle file is reported by `clcluster check`, not refused here
     if optics is not None:
         table.optics_group_rows()  # raises for particles naming undefined optics groups
+    _refuse_subtomograms(path, blocks, table)
     apix = table.pixel_size()       # raises when there is no pixel size anywhere
     bad = np.flatnonzero(~(np.isfinite(apix) & (apix > 0)))
     if bad.size:
@@ -515,7 +555,8 @@ def _format_column(s: pd.Series) -> list[str]:
     if pd.api.types.is_integer_dtype(s) and not s.isna().any():
         return list(map(str, s.tolist()))
     if pd.api.types.is_numeric_dtype(s):
-        return list(map(repr, s.to_numpy(dtype=np.float64, na_value=np.nan).tolist()))
+        values = s.to_numpy(dtype=np.float64, na_value=np.nan) + 0.0  # -0.0 + 0.0 is 0.0: never write "-0.0"
+        return list(map(repr, values.tolist()))
     t = s.astype(object).where(s.notna(), "nan").astype(str)
     needs = t.str.contains(r"\s", regex=True) | (t == "") | t.str.startswith(("#", "_", "'", '"')) \
         | t.str.startswith(("data_", "loop_"))
