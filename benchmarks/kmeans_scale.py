@@ -1,5 +1,5 @@
 """Where full K-means++ stops being affordable: wall time and peak memory of the cluster step's
-K-means (`clcluster.cluster.kmeans` + the streamed `assign`) on synthetic embeddings, full
+K-means (`clcluster.steps.cluster.kmeans` + the streamed `assign`) on synthetic embeddings, full
 scikit-learn K-means against the mini-batch path, by number of particles.
 
     python benchmarks/kmeans_scale.py                       # N = 1e4 ... 1e6, K = 50, 128-D
@@ -19,7 +19,7 @@ import time
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from clcluster.cluster import assign, kmeans
+from clcluster.steps.cluster import assign, kmeans
 
 
 def blobs(n: int, k: int, d: int, seed: int = 0):

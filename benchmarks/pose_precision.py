@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from test_poses import _scatter
 
-from clcluster.ctf import CTFParams
-from clcluster.export import ExportConfig, export
+from clcluster.image.ctf import CTFParams
+from clcluster.steps.export import ExportConfig, export
 from clcluster.io.star import read_star
-from clcluster.preprocess import PreprocessConfig, preprocess_batch
-from clcluster.simulate import SimulationConfig, simulate, write_simulation
+from clcluster.steps.preprocess import PreprocessConfig, preprocess_batch
+from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
 
 def run_case(box: int, work: int, snr: float, views: int = 4, per_view: int = 60, seed: int = 3) -> dict:

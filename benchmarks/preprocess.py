@@ -4,7 +4,7 @@
     python benchmarks/preprocess.py --device cuda            # GPU (CuPy; pip install .[gpu])
     python benchmarks/preprocess.py --boxes 128 --n 1024 --batch 256
 
-For each input box D it simulates --n particles (clcluster.simulate, written as a RELION STAR +
+For each input box D it simulates --n particles (clcluster.steps.simulate, written as a RELION STAR +
 .mrcs stacks in a temporary folder; not timed), then times, over all particles in batches of
 --batch, each stage on its own: reading the raw images from the stacks (io.mrc.read_images),
 CTF phase flip, Wiener filter, Fourier crop D → D/2, background normalisation (on the cropped
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from clcluster.augment import AugmentConfig, two_views
-from clcluster.backend import choose_array_module, make_rng
-from clcluster.ctf import CTFParams, phase_flip, wiener_filter
-from clcluster.imageops import fourier_crop, normalise_background
+from clcluster.learn.augment import AugmentConfig, two_views
+from clcluster.core.backend import choose_array_module, make_rng
+from clcluster.image.ctf import CTFParams, phase_flip, wiener_filter
+from clcluster.image.imageops import fourier_crop, normalise_background
 from clcluster.io.mrc import read_images
 from clcluster.io.star import read_star
-from clcluster.preprocess import PreprocessConfig, preprocess_batch, preprocess_table
-from clcluster.simulate import SimulationConfig, simulate, write_simulation
+from clcluster.steps.preprocess import PreprocessConfig, preprocess_batch, preprocess_table
+from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
 
 def make_data(box: int, n: int, work: Path) -> Path:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from clcluster.align import PolarCache, PolarGrid
-from clcluster.benchmark import embed_stack, prepare, stack_config
-from clcluster.cluster import ClusterConfig, assign, kmeans, refine_chain
-from clcluster.metrics import hungarian_accuracy
-from clcluster.preprocess import PreprocessConfig
-from clcluster.simulate import add_noise, simulate_clean
+from clcluster.em.align import PolarCache, PolarGrid
+from clcluster.bench.benchmark import embed_stack, prepare, stack_config
+from clcluster.steps.cluster import ClusterConfig, assign, kmeans, refine_chain
+from clcluster.core.metrics import hungarian_accuracy
+from clcluster.steps.preprocess import PreprocessConfig
+from clcluster.steps.simulate import add_noise, simulate_clean
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from clcluster.benchmark import prepare, run_cl, volume_setup
-from clcluster.metrics import hungarian_accuracy
-from clcluster.preprocess import PreprocessConfig
-from clcluster.simulate import SimulationConfig, simulate
+from clcluster.bench.benchmark import prepare, run_cl, volume_setup
+from clcluster.core.metrics import hungarian_accuracy
+from clcluster.steps.preprocess import PreprocessConfig
+from clcluster.steps.simulate import SimulationConfig, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 

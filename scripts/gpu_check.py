@@ -43,7 +43,7 @@ def sync(device: str) -> None:
     if device == "cuda":
         import torch
 
-        from clcluster.backend import cp
+        from clcluster.core.backend import cp
 
         torch.cuda.synchronize()
         if cp is not None:
@@ -51,13 +51,13 @@ def sync(device: str) -> None:
 
 
 def device_module(device: str):
-    from clcluster.backend import choose_array_module
+    from clcluster.core.backend import choose_array_module
 
     return choose_array_module("cpu" if device == "cpu" else "cuda")
 
 
 def simulated(n_views: int, per_view: int, box: int, snr: float, seed: int = 3):
-    from clcluster.simulate import SimulationConfig, simulate
+    from clcluster.steps.simulate import SimulationConfig, simulate
 
     cfg = SimulationConfig(views=n_views, images_per_view=per_view, box=box, snr=snr, seed=seed)
     return cfg, simulate(cfg)
@@ -66,8 +66,8 @@ def simulated(n_views: int, per_view: int, box: int, snr: float, seed: int = 3):
 def check_preprocess(device: str, small: bool) -> np.ndarray:
     """CPU and device preprocessing of the same box-128 shard agree; throughput 128 → 32 px.
     Returns the preprocessed (working box 32) images for the training checks."""
-    from clcluster.backend import asnumpy
-    from clcluster.preprocess import PreprocessConfig, preprocess_batch
+    from clcluster.core.backend import asnumpy
+    from clcluster.steps.preprocess import PreprocessConfig, preprocess_batch
 
     xp = device_module(device)
     cfg, sim = simulated(4, 16 if small else 500, 128, 0.1)
@@ -94,8 +94,8 @@ def check_preprocess(device: str, small: bool) -> np.ndarray:
 
 def check_training(images: np.ndarray, device: str, small: bool, work: Path) -> None:
     """60 steps (bf16 autocast on CUDA) with images/s; SIGUSR1 mid-run, then resume."""
-    from clcluster import train as train_mod
-    from clcluster.train import TrainConfig, train
+    from clcluster.steps import train as train_mod
+    from clcluster.steps.train import TrainConfig, train
 
     np.save(work / "shard.npy", images.astype(np.float16))
     steps, batch = (6, 16) if small else (60, 128)
@@ -179,10 +179,10 @@ def check_embed_and_estep(images: np.ndarray, device: str, small: bool, work: Pa
     """Throughput of embedding and of one ML2D E-step (classify with a fitted model)."""
     import torch
 
-    from clcluster.backend import select_device
-    from clcluster.embed import embed_images
-    from clcluster.ml2d import classify, ml2d
-    from clcluster.models import load_encoder
+    from clcluster.core.backend import select_device
+    from clcluster.steps.embed import embed_images
+    from clcluster.em.ml2d import classify, ml2d
+    from clcluster.learn.models import load_encoder
 
     tdev = select_device(device)
     enc, _ = load_encoder(work / "enc60.pt", tdev)
@@ -212,7 +212,7 @@ def report_memory(device: str) -> None:
         return
     import torch
 
-    from clcluster.backend import cp
+    from clcluster.core.backend import cp
 
     pool = cp.get_default_memory_pool().total_bytes() if cp is not None else 0
     report("peak-memory", None, f"torch peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, CuPy pool "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clcluster.simulate import SimulationConfig, simulate
+from clcluster.steps.simulate import SimulationConfig, simulate
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +17,7 @@ def easy_sim():
 @pytest.fixture(scope="session")
 def preprocessed_easy(easy_sim):
     """The easy set phase-flipped, cropped to 32 px (5 Å/px), background-normalised."""
-    from clcluster.preprocess import PreprocessConfig, preprocess_batch
+    from clcluster.steps.preprocess import PreprocessConfig, preprocess_batch
 
     cfg, sim = easy_sim
     return preprocess_batch(sim.images, sim.ctf, cfg.apix, PreprocessConfig(box=32)).astype(np.float32)
@@ -28,7 +28,7 @@ def preprocessed_easy(easy_sim):
 # NumPy always and on CuPy only where CuPy imports and sees a CUDA device (otherwise that case
 # is skipped with "CuPy/GPU not available"). The CuPy cases have only ever run on a GPU
 # machine; on a CPU-only machine they are reported as skipped, never as passed.
-from clcluster import backend as _backend  # noqa: E402
+from clcluster.core import backend as _backend  # noqa: E402
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
@@ -69,8 +69,8 @@ def xpcall(xp):
 def binned_easy_set(views: int, snr: float, seed: int, images_per_view: int = 50):
     """(images, true classes, clean references): a simulated set phase-flipped and Fourier-cropped
     from 64 to 32 px, background-normalised at radius 12 px, with its clean projections prepared alike."""
-    from clcluster.ctf import phase_flip
-    from clcluster.imageops import fourier_crop, normalise_background
+    from clcluster.image.ctf import phase_flip
+    from clcluster.image.imageops import fourier_crop, normalise_background
 
     cfg = SimulationConfig(views=views, images_per_view=images_per_view, snr=snr, seed=seed)
     sim = simulate(cfg)

@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from clcluster.align import PolarCache, PolarGrid, align_all, hard_em, polar_transform, to_reference_frame
-from clcluster.imageops import fourier_shift, rotate
-from clcluster.metrics import hungarian_accuracy
+from clcluster.em.align import PolarCache, PolarGrid, align_all, hard_em, polar_transform, to_reference_frame
+from clcluster.image.imageops import fourier_shift, rotate
+from clcluster.core.metrics import hungarian_accuracy
 
 
 def test_pose_is_recovered_and_undone():
@@ -31,7 +31,7 @@ def test_hard_em_recovers_views_on_easy_data(easy_sim, preprocessed_easy):
 def test_split_merge_escapes_two_views_in_one_class():
     """A converged EM state in which two views share one class while another view is held by
     two classes: split-and-merge moves find the views again, and the objective never falls."""
-    from clcluster.align import soft_em, split_merge, split_merge_moves
+    from clcluster.em.align import soft_em, split_merge, split_merge_moves
     from conftest import binned_easy_set
 
     img, truth, _ = binned_easy_set(views=5, snr=0.3, seed=4, images_per_view=40)
@@ -52,7 +52,7 @@ def test_split_merge_escapes_two_views_in_one_class():
 
 def _aligned_refs(cache, labels, k):
     """References from a partition through one hard-EM pass from the rotational class means."""
-    from clcluster.align import class_polar_means
+    from clcluster.em.align import class_polar_means
 
     refs = class_polar_means(cache, labels, k)
     for _ in range(3):
@@ -64,7 +64,7 @@ def test_wide_passes_compare_only_similar_classes(monkeypatch):
     """With 0 < wide < K, the wide passes of the soft EM compare each particle with its
     candidates and the `wide` classes most similar to its own (never all K), and still recover
     the views from a start with a quarter of the labels scrambled."""
-    import clcluster.align as al
+    import clcluster.em.align as al
     from conftest import binned_easy_set
 
     img, truth, _ = binned_easy_set(views=6, snr=1.0, seed=5, images_per_view=30)

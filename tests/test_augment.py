@@ -5,10 +5,10 @@ reproducibility and the ops' properties, not compared value by value with NumPy.
 import numpy as np
 import pytest
 
-from clcluster.augment import (AugmentConfig, augment, random_blur, random_contrast, random_ctf_envelope, random_erase,
+from clcluster.learn.augment import (AugmentConfig, augment, random_blur, random_contrast, random_ctf_envelope, random_erase,
                                random_mirror, random_noise, random_rotation, random_shift, two_views)
-from clcluster.backend import asnumpy, get_array_module, make_rng
-from clcluster.imageops import circular_mask, gaussian_lowpass
+from clcluster.core.backend import asnumpy, get_array_module, make_rng
+from clcluster.image.imageops import circular_mask, gaussian_lowpass
 
 
 def _on(xp, x):
@@ -115,7 +115,7 @@ def test_batched_views_draw_once_and_stay_on_the_device(preprocessed_easy, xp):
     """The GPU path's `two_views_batched`: one uniform draw for all per-image parameters plus
     one normal draw for the noise (not a dozen small draws per view), views on the images'
     device, reproducible under a seed, two different views of each image."""
-    from clcluster.augment import two_views_batched
+    from clcluster.learn.augment import two_views_batched
 
     x = xp.asarray(preprocessed_easy[:8])
     cfg = AugmentConfig(erase_prob=0.5, ctf_prob=0.5, mirror_prob=0.5)

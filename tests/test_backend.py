@@ -3,8 +3,8 @@ machine (skipped with "CuPy/GPU not available" elsewhere)."""
 import numpy as np
 import pytest
 
-from clcluster import backend
-from clcluster.backend import asnumpy, choose_array_module, get_array_module, gpu_available, make_rng, to_torch
+from clcluster.core import backend
+from clcluster.core.backend import asnumpy, choose_array_module, get_array_module, gpu_available, make_rng, to_torch
 
 
 def test_numpy_dispatch():

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from clcluster.baselines import invariant_features, invariant_kmeans, oracle_labels, pca_kmeans
-from clcluster.imageops import rotate
-from clcluster.metrics import hungarian_accuracy
+from clcluster.bench.baselines import invariant_features, invariant_kmeans, oracle_labels, pca_kmeans
+from clcluster.image.imageops import rotate
+from clcluster.core.metrics import hungarian_accuracy
 from conftest import binned_easy_set
 
 

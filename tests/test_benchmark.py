@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from clcluster.benchmark import BenchmarkConfig, run_benchmark
+from clcluster.bench.benchmark import BenchmarkConfig, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 

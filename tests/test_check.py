@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clcluster import check
-from clcluster.check import check_particles, exclude_bad, format_report
+from clcluster.steps import check
+from clcluster.steps.check import check_particles, exclude_bad, format_report
 from clcluster.io import ParticleFileError, ParticleTable, read_star, write_star
 from clcluster.io.mrc import StackError, read_images
 

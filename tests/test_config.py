@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clcluster.augment import AugmentConfig
-from clcluster.cluster import ClusterConfig
-from clcluster.config import SCHEMA_PATH, load_config, schema, unknown_keys, with_defaults
-from clcluster.export import ExportConfig
-from clcluster.preprocess import PreprocessConfig
-from clcluster.simulate import SimulationConfig
-from clcluster.train import TrainConfig
+from clcluster.learn.augment import AugmentConfig
+from clcluster.steps.cluster import ClusterConfig
+from clcluster.core.config import SCHEMA_PATH, load_config, schema, unknown_keys, with_defaults
+from clcluster.steps.export import ExportConfig
+from clcluster.steps.preprocess import PreprocessConfig
+from clcluster.steps.simulate import SimulationConfig
+from clcluster.steps.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

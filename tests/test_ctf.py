@@ -4,8 +4,8 @@ skipped with "CuPy/GPU not available"."""
 import numpy as np
 import pytest
 
-from clcluster.ctf import CTFParams, apply_ctf, ctf_2d, electron_wavelength, phase_flip, wiener_filter
-from clcluster.imageops import fourier_shift, rotate
+from clcluster.image.ctf import CTFParams, apply_ctf, ctf_2d, electron_wavelength, phase_flip, wiener_filter
+from clcluster.image.imageops import fourier_shift, rotate
 
 
 def _params(n=1, du=15000.0, dv=15000.0, ang=0.0, q0=0.1, ps=0.0, b=0.0):

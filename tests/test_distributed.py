@@ -1,5 +1,5 @@
 """Launcher detection (torchrun / srun / one process) and SLURM host lists; no processes started."""
-from clcluster import distributed as d
+from clcluster.core import distributed as d
 
 
 def test_torchrun_variables():

@@ -104,7 +104,7 @@ def test_every_shell_rule_has_a_conda_env():
     common = (REPO / "workflow/rules/common.smk").read_text()
     m = re.search(r'^ENV\s*=\s*f"([^"]+\.yaml)"', common, re.M)
     assert m and "{config['conda_env']}" in m.group(1), "ENV must follow config conda_env"
-    schema = yaml.safe_load((REPO / "src/clcluster/config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "src/clcluster/core/config.schema.yaml").read_text())
     choices = schema["properties"]["conda_env"]["enum"]
     assert set(choices) == {p.stem for p in ENV_FILES}
     for choice in choices:

@@ -12,15 +12,15 @@ import pytest
 import starfile
 from scipy import ndimage
 
-from clcluster.averages import (aligned_means, class_quality, frc, relion_pose, resolution_from_frc)
-from clcluster.ctf import CTFParams, phase_flip
-from clcluster.export import ExportConfig, export
-from clcluster.imageops import rotate
+from clcluster.em.averages import (aligned_means, class_quality, frc, relion_pose, resolution_from_frc)
+from clcluster.image.ctf import CTFParams, phase_flip
+from clcluster.steps.export import ExportConfig, export
+from clcluster.image.imageops import rotate
 from clcluster.io.cryosparc import read_cs
 from clcluster.io.mrc import read_images
 from clcluster.io.star import read_star
-from clcluster.preprocess import PreprocessConfig, preprocess_batch
-from clcluster.simulate import SimulationConfig, simulate, write_simulation
+from clcluster.steps.preprocess import PreprocessConfig, preprocess_batch
+from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
 K = 4
 WORK_BOX = 32

@@ -26,7 +26,7 @@ import yaml
 from clcluster.io import read_particles
 from clcluster.io.mrc import write_stack
 from clcluster.io.star import read_star, write_star
-from clcluster.simulate import SimulationConfig, simulate, write_simulation
+from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
 pytestmark = pytest.mark.slow
 

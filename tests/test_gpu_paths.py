@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clcluster import backend
+from clcluster.core import backend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def _cuda_tagged_save(obj, path, monkeypatch):
 
 def _gpu_checkpoint(path: Path, box: int, steps: int, monkeypatch):
     """A checkpoint as a GPU run writes it at its last step (built by hand, storages tagged cuda:0)."""
-    from clcluster.models import ContrastiveModel, build_encoder
+    from clcluster.learn.models import ContrastiveModel, build_encoder
 
     torch.manual_seed(5)
     model = ContrastiveModel(build_encoder("polar", box, 128), 64)
@@ -118,7 +118,7 @@ def test_resume_from_a_gpu_checkpoint_on_a_non_cpu_device(tmp_path, monkeypatch)
     training continues on: the "meta" device stands in for a GPU (no GPU here). Loading with
     map_location=<training device> put the RNG state on that device and torch.set_rng_state
     failed ("RNG state must be a torch.ByteTensor"), so every requeued GPU job crashed."""
-    from clcluster.train import TrainConfig, train
+    from clcluster.steps.train import TrainConfig, train
 
     box, steps = 24, 4
     np.save(tmp_path / "s.npy", np.random.default_rng(0).standard_normal((32, box, box)).astype(np.float32))
@@ -134,7 +134,7 @@ def test_checkpointer_restores_cpu_and_cuda_rng(tmp_path, fake_cuda, monkeypatch
     """On a CUDA device the checkpoint also holds the CUDA generator's state, restored with
     torch.cuda.set_rng_state (mocked here), while the CPU state goes to torch.set_rng_state as a
     CPU ByteTensor."""
-    from clcluster.train import Checkpointer, TrainConfig, build_optimiser
+    from clcluster.steps.train import Checkpointer, TrainConfig, build_optimiser
 
     model = torch.nn.Linear(3, 2)
     opt, sched = build_optimiser(model, TrainConfig(steps=10))
@@ -159,8 +159,8 @@ def test_reading_the_loss_back_every_10_steps_changes_nothing(tmp_path, monkeypa
     that checkpoint with the same losses."""
     import signal
 
-    from clcluster import train as train_mod
-    from clcluster.train import TrainConfig, train
+    from clcluster.steps import train as train_mod
+    from clcluster.steps.train import TrainConfig, train
 
     np.save(tmp_path / "s.npy", np.random.default_rng(0).standard_normal((64, 24, 24)).astype(np.float32))
     cfg = TrainConfig(steps=13, batch_size=16, checkpoint_minutes=0)

@@ -5,7 +5,7 @@ CUDA device is missing; they have only been run on a GPU machine."""
 import numpy as np
 import pytest
 
-from clcluster.imageops import (circular_mask, fourier_crop, fourier_crop_filtered, fourier_filter, fourier_shift, gaussian_lowpass, lowpass,
+from clcluster.image.imageops import (circular_mask, fourier_crop, fourier_crop_filtered, fourier_filter, fourier_shift, gaussian_lowpass, lowpass,
                                 normalise_background, polar_resample, radius_grid, rotate)
 
 

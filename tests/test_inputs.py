@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clcluster import check
-from clcluster.averages import wiener_class_averages
-from clcluster.check import check_particles
-from clcluster.ctf import CTFParams, apply_ctf
+from clcluster.steps import check
+from clcluster.em.averages import wiener_class_averages
+from clcluster.steps.check import check_particles
+from clcluster.image.ctf import CTFParams, apply_ctf
 from clcluster.io import ParticleFileError, ParticleTable, read_star, write_star
 from clcluster.io.mrc import StackError, read_images
-from clcluster.preprocess import PreprocessConfig, preprocess_table
+from clcluster.steps.preprocess import PreprocessConfig, preprocess_table
 
 BOX = 32
 APIX = 2.0
@@ -319,7 +319,7 @@ def test_enough_particles_pass(tmp_path):
 @pytest.mark.parametrize("k", [1, 5])
 def test_ten_particles_run_end_to_end(tmp_path, k):
     """The smallest input `check` accepts runs through every step (the workflow, tiny config)."""
-    from clcluster.simulate import SimulationConfig, simulate, write_simulation
+    from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
     cfg = SimulationConfig(views=2, images_per_view=5, snr=0.5, seed=2)
     star = write_simulation(simulate(cfg), cfg, tmp_path / "data")
@@ -336,7 +336,7 @@ def test_ten_particles_run_end_to_end(tmp_path, k):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_embedding_map_of_few_points(tmp_path, n):
-    from clcluster.export import embedding_map
+    from clcluster.steps.export import embedding_map
 
     feats = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
     info = embedding_map(feats, np.zeros(n, np.int64), tmp_path / "map.png")
@@ -354,7 +354,7 @@ def test_report_dependency_in_main_dependencies():
 def test_cs_shifts_in_pixels_of_the_image_as_pyem_reads_them(tmp_path):
     """pyem's csparc2star: rlnOriginX/Y = alignments2D/shift (pixels of the image), then Å by
     blob/psize_A; rlnAnglePsi = degrees(alignments2D/pose)."""
-    from clcluster.export import cs_array
+    from clcluster.steps.export import cs_array
 
     write_mrc(tmp_path / "a.mrcs", blobs(3))
     t = star_table(tmp_path, ["1@a.mrcs", "2@a.mrcs", "3@a.mrcs"])

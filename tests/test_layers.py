@@ -18,7 +18,7 @@ LAYERS = {
     "core": (0, ["config", "rng", "backend", "distributed", "metrics"]),
     "io": (1, []),  # the clcluster.io package: particle files, stacks, atomic writes
     "image": (2, ["imageops", "ctf"]),
-    "em": (3, ["align", "ml2d", "averages"]),
+    "em": (3, ["align", "ml2d", "averages", "poses"]),
     "learn": (3, ["augment", "models", "losses", "data"]),
     "steps": (4, ["check", "shards", "preprocess", "train", "embed", "cluster", "export", "simulate"]),
     "bench": (5, ["benchmark", "baselines"]),

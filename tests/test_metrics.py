@@ -1,6 +1,6 @@
 import numpy as np
 
-from clcluster.metrics import hungarian_accuracy, scores
+from clcluster.core.metrics import hungarian_accuracy, scores
 
 
 def test_hungarian_accuracy_is_permutation_invariant():

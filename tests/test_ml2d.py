@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from clcluster.imageops import rotate
-from clcluster.metrics import hungarian_accuracy
-from clcluster.align import PolarCache, PolarGrid, PolarScanner, align_all, polar_references
-from clcluster.ml2d import classify, ml2d, polish
+from clcluster.image.imageops import rotate
+from clcluster.core.metrics import hungarian_accuracy
+from clcluster.em.align import PolarCache, PolarGrid, PolarScanner, align_all, polar_references
+from clcluster.em.ml2d import classify, ml2d, polish
 from conftest import binned_easy_set
 
 

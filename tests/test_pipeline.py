@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from clcluster.cluster import ClusterConfig, cluster
-from clcluster.embed import embed_images
-from clcluster.metrics import hungarian_accuracy
-from clcluster.models import load_encoder
-from clcluster.train import TrainConfig, train
+from clcluster.steps.cluster import ClusterConfig, cluster
+from clcluster.steps.embed import embed_images
+from clcluster.core.metrics import hungarian_accuracy
+from clcluster.learn.models import load_encoder
+from clcluster.steps.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_guards_run_only_up_to_their_class_count(monkeypatch, caplog, easy_sim, 
     import logging
     import re
 
-    from clcluster import cluster as cluster_mod
+    from clcluster.steps import cluster as cluster_mod
 
     enc, _ = trained
     feats = embed_images(enc, preprocessed_easy)
@@ -50,12 +50,12 @@ def test_guards_run_only_up_to_their_class_count(monkeypatch, caplog, easy_sim, 
     monkeypatch.setattr(cluster_mod, "refine_chain", lambda *a, **kw: starts.append(1) or real_chain(*a, **kw))
     monkeypatch.setattr(cluster_mod, "split_merge", lambda *a, **kw: moves.append(1) or real_sm(*a, **kw))
     cfg = dict(n_init=2, refine_restarts=2, refine_iterations=6, refine_ml_iterations=3, refine_split_merge_rounds=1)
-    with caplog.at_level(logging.INFO, logger="clcluster.cluster"):
+    with caplog.at_level(logging.INFO, logger="clcluster.steps.cluster"):
         cluster(feats, 4, ClusterConfig(refine_guards_max_k=3, **cfg), seed=0, images=preprocessed_easy, device="cpu")
     assert len(starts) == 1 and not moves
     assert "refine_guards_max_k=3" in caplog.text and "at most 6 annealed EM passes" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="clcluster.cluster"):
+    with caplog.at_level(logging.INFO, logger="clcluster.steps.cluster"):
         cluster(feats, 4, ClusterConfig(refine_guards_max_k=3, refine_lean_iterations=3, **cfg), seed=0, images=preprocessed_easy, device="cpu")
     assert len(starts) == 2 and re.search(r"restart 1: mean NCC \S+ after 3 iterations", caplog.text)  # lean EM: 3 passes
     starts.clear()
@@ -68,8 +68,8 @@ def test_guards_run_only_up_to_their_class_count(monkeypatch, caplog, easy_sim, 
 def test_ml_stage_compares_all_classes_unless_told(monkeypatch, preprocessed_easy):
     """The ML2D stage of a refinement runs the exact E-step over all K by default, and a
     truncated one (embedding neighbours + refine_ml_wide similar classes) when asked."""
-    from clcluster import cluster as cluster_mod
-    from clcluster.align import PolarCache, PolarGrid
+    from clcluster.steps import cluster as cluster_mod
+    from clcluster.em.align import PolarCache, PolarGrid
 
     seen, iters = [], []
     real = cluster_mod.polish
@@ -112,7 +112,7 @@ def test_training_writes_loss_curve_and_resumes_from_checkpoint(tmp_path, prepro
     part = TrainConfig(steps=6, batch_size=16, checkpoint_minutes=0)
     import signal
 
-    from clcluster import train as train_mod
+    from clcluster.steps import train as train_mod
 
     calls = {"n": 0}
     orig = train_mod.nt_xent
@@ -141,7 +141,7 @@ def test_training_writes_loss_curve_and_resumes_from_checkpoint(tmp_path, prepro
 def test_refinement_on_a_subset_then_streamed_assignment_of_all(easy_sim, preprocessed_easy, trained):
     """Above refine_subset particles, refinement runs on a random subset and every particle is
     then aligned once to the refined classes; mini-batch K-means above minibatch_above."""
-    from clcluster.data import RowView
+    from clcluster.learn.data import RowView
 
     cfg, sim = easy_sim
     enc, _ = trained
@@ -157,7 +157,7 @@ def test_refinement_on_a_subset_then_streamed_assignment_of_all(easy_sim, prepro
 
 
 def test_streamed_assignment_matches_direct_distances():
-    from clcluster.cluster import assign, centroid_distances
+    from clcluster.steps.cluster import assign, centroid_distances
 
     rng = np.random.default_rng(0)
     f, c = rng.normal(size=(1000, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
@@ -169,7 +169,7 @@ def test_streamed_assignment_matches_direct_distances():
 
 
 def test_merge_embeddings_keeps_shard_order_in_float16(tmp_path):
-    from clcluster.cluster import merge_embeddings
+    from clcluster.steps.cluster import merge_embeddings
 
     parts = [np.full((n, 4), i, np.float32) for i, n in enumerate((3, 5, 2))]
     paths = []

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import starfile
 
-from clcluster.ctf import CTFParams
-from clcluster.export import ExportConfig, export
-from clcluster.imageops import fourier_shift, rotate
+from clcluster.image.ctf import CTFParams
+from clcluster.steps.export import ExportConfig, export
+from clcluster.image.imageops import fourier_shift, rotate
 from clcluster.io.star import read_star
-from clcluster.poses import refine_batch, rotation_matrices
-from clcluster.preprocess import PreprocessConfig, preprocess_batch
-from clcluster.simulate import SimulationConfig, simulate, write_simulation
+from clcluster.em.poses import refine_batch, rotation_matrices
+from clcluster.steps.preprocess import PreprocessConfig, preprocess_batch
+from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
 STEP = 360.0 / 128  # the export's default working angle step
 

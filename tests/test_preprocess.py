@@ -8,13 +8,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import clcluster.preprocess as pp
-from clcluster.backend import gpu_available
-from clcluster.imageops import fourier_filter, freq_grid, radius_grid
+import clcluster.steps.preprocess as pp
+from clcluster.core.backend import gpu_available
+from clcluster.image.imageops import fourier_filter, freq_grid, radius_grid
 from clcluster.io.star import read_star
-from clcluster.preprocess import (PreprocessConfig, preprocess_batch, preprocess_table, radial_noise_spectrum,
+from clcluster.steps.preprocess import (PreprocessConfig, preprocess_batch, preprocess_table, radial_noise_spectrum,
                                   whiten)
-from clcluster.simulate import SimulationConfig, simulate, write_simulation
+from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
 
 def _coloured_noise(n, box, seed):
@@ -160,8 +160,8 @@ def test_background_radius_in_angstrom(easy_sim):
 
 @pytest.mark.parametrize("mode", ["phase_flip", "wiener"])
 def test_preprocess_batch_equals_the_step_by_step_chain(easy_sim, mode):
-    from clcluster.ctf import phase_flip, wiener_filter
-    from clcluster.imageops import fourier_crop, normalise_background
+    from clcluster.image.ctf import phase_flip, wiener_filter
+    from clcluster.image.imageops import fourier_crop, normalise_background
 
     cfg, sim = easy_sim
     ctf = sim.ctf.subset(np.arange(10))

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clcluster.check import check_particles
-from clcluster.ctf import CTFParams
+from clcluster.steps.check import check_particles
+from clcluster.image.ctf import CTFParams
 from clcluster.io import ParticleFileError, read_particles
 from clcluster.io.mrc import read_images, stack_shape
 
@@ -182,7 +182,7 @@ def test_check_reports_ctf_plan_and_sign_convention(corpus, name, capsys):
     files sets them) and which defocus sign it assumes."""
     import argparse
 
-    from clcluster import check
+    from clcluster.steps import check
 
     args = check.add_args(argparse.ArgumentParser()).parse_args([str(corpus / name), "--no-pixels"])
     check.main(args)

@@ -1,5 +1,5 @@
 """Named random streams: no two parts of a run share a generator key."""
-from clcluster import rng
+from clcluster.core import rng
 
 
 def test_restart_partitions_never_reuse_another_streams_key():

@@ -3,7 +3,7 @@ import pandas as pd
 
 from clcluster.io import read_particles
 from clcluster.io.mrc import read_images
-from clcluster.simulate import (SimulationConfig, min_pairwise_separation, simulate, truth_path, view_directions,
+from clcluster.steps.simulate import (SimulationConfig, min_pairwise_separation, simulate, truth_path, view_directions,
                                 write_simulation)
 
 
@@ -50,7 +50,7 @@ def test_simulation_is_deterministic():
 
 
 def test_builtin_volumes_differ():
-    from clcluster.simulate import procedural_volume
+    from clcluster.steps.simulate import procedural_volume
 
     v0, v1 = procedural_volume(0, 48), procedural_volume(1, 48)
     assert np.corrcoef(v0.ravel(), v1.ravel())[0, 1] < 0.5

@@ -109,7 +109,7 @@ def test_two_ranks_under_srun_equal_one_process(cluster, shards, tmp_path):
     assert "rank 0 of 2 (srun, gloo backend" in out, out[-3000:]
     a, b = _params(tmp_path / "one/encoder.pt"), _params(tmp_path / "two/encoder.pt")
     torch.manual_seed(0)  # the initial parameters, to measure the update
-    from clcluster.models import ContrastiveModel, build_encoder
+    from clcluster.learn.models import ContrastiveModel, build_encoder
 
     a0 = ContrastiveModel(build_encoder("polar", 24, 128), 64).encoder.state_dict()
     keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
@@ -209,7 +209,7 @@ FAKE_CUDA_SITECUSTOMIZE = '''
 import os
 if os.environ.get("CLCLUSTER_TEST_FAKE_CUDA") == "1":
     import torch
-    from clcluster import backend
+    from clcluster.core import backend
     torch.cuda.is_available = lambda: True
     torch.cuda.device_count = lambda: len([v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()])
     _real_rank_device = backend.rank_device

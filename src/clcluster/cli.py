@@ -18,7 +18,7 @@ log = logging.getLogger("clcluster")
 
 
 def _config(args) -> dict:
-    from .config import load_config, with_defaults
+    from clcluster.core.config import load_config, with_defaults
 
     cfg = load_config(args.config) if getattr(args, "config", None) else with_defaults({})
     return cfg
@@ -29,7 +29,7 @@ def _add_config(p):
 
 
 def _read(path, root=None):
-    from .io import read_particles
+    from clcluster.io import read_particles
 
     return read_particles(path, root=root or None)
 
@@ -40,7 +40,7 @@ def _add_device(p, help=None):
 
 # ---------------------------------------------------------------------------------------------
 def cmd_simulate(args) -> int:
-    from .simulate import SimulationConfig, simulate, write_simulation
+    from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
     cfg = _config(args)
     sim_cfg = dict(cfg["simulate"])
@@ -59,13 +59,13 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from . import check
+    from clcluster.steps import check
 
     return check.main(args)
 
 
 def cmd_shard(args) -> int:
-    from .shards import write_shards
+    from clcluster.steps.shards import write_shards
 
     table = _read(args.particles, args.root)
     paths = write_shards(table, args.size, args.out_dir)
@@ -74,8 +74,8 @@ def cmd_shard(args) -> int:
 
 
 def cmd_preprocess(args) -> int:
-    from .io.star import read_star
-    from .preprocess import PreprocessConfig, preprocess_table
+    from clcluster.io.star import read_star
+    from clcluster.steps.preprocess import PreprocessConfig, preprocess_table
 
     cfg = _config(args)
     pc = PreprocessConfig.from_dict(cfg["preprocess"])
@@ -87,13 +87,13 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
+    from clcluster.steps.train import TrainConfig, train
 
     cfg = _config(args)
     tc = TrainConfig.from_dict(cfg["train"])
     if args.steps is not None:
         tc.steps = args.steps
-    from . import distributed
+    from clcluster.core import distributed
 
     rank, _ = distributed.init_from_env()
     if rank != 0:  # rank 0 alone logs progress; the others only warnings and errors
@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .embed import embed_shard
+    from clcluster.steps.embed import embed_shard
 
     cfg = _config(args)
     n = embed_shard(args.encoder, args.shard, args.out, cfg["embed"]["batch_size"], args.device or cfg["device"],
@@ -121,12 +121,12 @@ def cmd_embed(args) -> int:
 
 
 def cmd_cluster(args) -> int:
-    from .cluster import ClusterConfig, cluster, merge_embeddings
-    from .data import ShardSet
-    from .export import check_complete
-    from .io.atomic import atomic_path, save_npy
-    from .io.star import read_star
-    from .shards import ROW_COLUMN
+    from clcluster.steps.cluster import ClusterConfig, cluster, merge_embeddings
+    from clcluster.learn.data import ShardSet
+    from clcluster.steps.export import check_complete
+    from clcluster.io.atomic import atomic_path, save_npy
+    from clcluster.io.star import read_star
+    from clcluster.steps.shards import ROW_COLUMN
 
     cfg = _config(args)
     k = args.classes or cfg["classes"]
@@ -153,8 +153,8 @@ def cmd_cluster(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .data import ShardSet
-    from .export import ExportConfig, export
+    from clcluster.learn.data import ShardSet
+    from clcluster.steps.export import ExportConfig, export
 
     cfg = _config(args)
     ecfg = dict(cfg["export"])
@@ -168,7 +168,7 @@ def cmd_export(args) -> int:
     meta = json.loads(Path(args.preprocessed[0]).with_suffix(".json").read_text())
     feats = np.concatenate([np.load(e, mmap_mode="r") for e in args.embeddings]) if args.embeddings else None
     device = args.device or cfg["device"]
-    from .backend import select_device
+    from clcluster.core.backend import select_device
 
     export(table, a, images, meta, args.classes or cfg["classes"], args.out_dir, ExportConfig.from_dict(ecfg),
            embeddings=feats, device=str(select_device(device)), seed=cfg["seed"])
@@ -178,7 +178,7 @@ def cmd_export(args) -> int:
 def cmd_score(args) -> int:
     import pandas as pd
 
-    from .metrics import scores
+    from clcluster.core.metrics import scores
 
     truth = pd.read_csv(args.truth)["class"].to_numpy()
     a = np.load(args.assignments)
@@ -189,14 +189,14 @@ def cmd_score(args) -> int:
     print(f"clustering accuracy (Hungarian-matched) against the simulator's truth: {result['accuracy']:.3f} "
           f"(alignment-free stage alone: {result['kmeans_accuracy']:.3f}); ARI {result['ari']:.3f}, NMI {result['nmi']:.3f}")
     if args.out:
-        from .io.atomic import write_text
+        from clcluster.io.atomic import write_text
 
         write_text(args.out, text)
     return 0
 
 
 def cmd_benchmark(args) -> int:
-    from .benchmark import METHODS, BenchmarkConfig, run_benchmark
+    from clcluster.bench.benchmark import METHODS, BenchmarkConfig, run_benchmark
 
     cfg = _config(args)
     bc = BenchmarkConfig(snrs=tuple(args.snrs), volumes=tuple(args.volumes), views=args.views,
@@ -207,7 +207,7 @@ def cmd_benchmark(args) -> int:
         guess = Path(__file__).resolve().parents[3] / "shared/data/volumes/clean70SRibosome_vol_65p.mrc"
         ribosome = str(guess) if guess.exists() else None
     df = run_benchmark(bc, cfg, args.out_dir, ribosome)
-    from .benchmark import markdown_tables
+    from clcluster.bench.benchmark import markdown_tables
 
     print(markdown_tables(df))
     return 0
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check a STAR/.cs particle file and its stacks: missing/corrupt stacks, indices out of "
                                    "range, box/pixel-size mismatches, missing CTF columns, NaN pixels, duplicates. "
                                    "Prints every problem; exit code 1 if any (unless they are excluded explicitly).")
-    from . import check as _check
+    from clcluster.steps import check as _check
 
     _check.add_args(s)
     s.set_defaults(func=cmd_check)
@@ -341,9 +341,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .export import IntegrityError
-    from .io.mrc import StackError
-    from .io.star import ParticleFileError
+    from clcluster.steps.export import IntegrityError
+    from clcluster.io.mrc import StackError
+    from clcluster.io.star import ParticleFileError
 
     try:
         return int(args.func(args) or 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from clcluster.config import reject_unknown_keys
+from clcluster.core.config import reject_unknown_keys
 
 reject_unknown_keys(config)  # a typo'd key is an error naming the closest valid key
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .star import ParticleFileError, ParticleTable
+from clcluster.io.star import ParticleFileError, ParticleTable
 
 
 def _short(values) -> np.ndarray:

@@ -20,7 +20,7 @@ import mrcfile
 import numpy as np
 from mrcfile.utils import data_dtype_from_header
 
-from .atomic import atomic_path
+from clcluster.io.atomic import atomic_path
 
 
 class StackError(ValueError):

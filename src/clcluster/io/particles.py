@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cryosparc import read_cs
-from .star import ParticleFileError, ParticleTable, read_star
+from clcluster.io.cryosparc import read_cs
+from clcluster.io.star import ParticleFileError, ParticleTable, read_star
 
 
 def read_particles(path, root=None) -> ParticleTable:

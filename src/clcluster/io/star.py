@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from .atomic import atomic_path
+from clcluster.io.atomic import atomic_path
 
 
 class ParticleFileError(ValueError):

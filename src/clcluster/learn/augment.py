@@ -10,10 +10,10 @@ import dataclasses
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module
-from .ctf import CTFParams, ctf_2d
-from .imageops import fourier_filter, fourier_shift, freq_grid, gaussian_lowpass, rotate
-from .config import dataclass_from_dict
+from clcluster.core.backend import asnumpy, get_array_module
+from clcluster.image.ctf import CTFParams, ctf_2d
+from clcluster.image.imageops import fourier_filter, fourier_shift, freq_grid, gaussian_lowpass, rotate
+from clcluster.core.config import dataclass_from_dict
 
 
 @dataclasses.dataclass
@@ -159,7 +159,7 @@ def _signal_filter(u, cfg: AugmentConfig, box: int, apix: float, xp):
     """(m, D, D//2+1) Fourier filter: Gaussian blur times the |CTF| envelope (defocus in Å,
     300 kV, Cs 2.7 mm, amplitude contrast 0.1), per image as `u` (m, 16) selects; None when
     neither is enabled. Both are isotropic, so they commute with the in-plane rotation."""
-    from .ctf import electron_wavelength
+    from clcluster.image.ctf import electron_wavelength
 
     use_blur = cfg.blur_prob > 0 and cfg.blur_sigma_max_px > 0
     if not use_blur and cfg.ctf_prob <= 0:

@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from .imageops import rotate
+from clcluster.image.imageops import rotate
 
 
 @dataclasses.dataclass
@@ -124,7 +124,7 @@ def _phase_correct(x, table, rows, params, states, apix: float):
     """Images (b, D, D) with CTF phases corrected (raw: x sign(CTF); flipped / premultiplied:
     as they are) and the matched-filter weight (b, D, D) of each (|CTF|, or CTF^2 for
     premultiplied images) in the class frame; (x, None) without CTF parameters."""
-    from .ctf import PREMULTIPLIED, RAW, ctf_2d
+    from clcluster.image.ctf import PREMULTIPLIED, RAW, ctf_2d
 
     if params is None:
         return x, None
@@ -138,7 +138,7 @@ def _phase_correct(x, table, rows, params, states, apix: float):
 
 def _weights(ctf_info, angle_deg, box: int, apix: float):
     """|CTF| (or CTF^2 for premultiplied images) on the full FFT grid, rotated into the class frame."""
-    from .ctf import ctf_2d
+    from clcluster.image.ctf import ctf_2d
 
     if ctf_info is None:
         return None
@@ -154,10 +154,10 @@ def refine_original(table, labels, averages, angle_deg, shift_px, *, angle_range
     particles' own box and pixel size, reading the original images batch by batch (background
     normalised as for the averages, CTF phases corrected per the optics groups' flags).
     shift_px (n, 2): starting shifts in px of these images."""
-    from .averages import has_ctf
-    from .ctf import CTFParams, ctf_states
-    from .imageops import normalise_background
-    from .io.mrc import read_images
+    from clcluster.em.averages import has_ctf
+    from clcluster.image.ctf import CTFParams, ctf_states
+    from clcluster.image.imageops import normalise_background
+    from clcluster.io.mrc import read_images
 
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)

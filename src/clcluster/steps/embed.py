@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backend import select_device
-from .io.atomic import save_npy
+from clcluster.core.backend import select_device
+from clcluster.io.atomic import save_npy
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def embed_images(encoder, images, batch_size: int = 128, device="cpu") -> np.nda
 
 def embed_shard(encoder_path, shard_npy, out_path, batch_size: int = 128, device: str = "auto", threads: int = 0) -> int:
     """Embed one preprocessed shard into `out_path` (.npy float32 (n, d)). Returns n."""
-    from .models import load_encoder
+    from clcluster.learn.models import load_encoder
 
     tdev = select_device(device)
     if tdev.type == "cpu":

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io.atomic import atomic_path, write_text
-from .metrics import scores
-from .rng import restart_key
+from clcluster.io.atomic import atomic_path, write_text
+from clcluster.core.metrics import scores
+from clcluster.core.rng import restart_key
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,14 @@ def volume_setup(spec: str, ribosome_path: str | None) -> dict:
 def stack_config(spec: str, views: int, images_per_view: int, box: int, seed: int, ribosome_path: str | None):
     """The benchmark's simulation of one volume: views at least 30 degrees apart up to 12 views,
     12 degrees above (more cannot be placed that far apart)."""
-    from .simulate import SimulationConfig
+    from clcluster.steps.simulate import SimulationConfig
 
     return SimulationConfig(views=views, images_per_view=images_per_view, box=box, seed=seed,
                             min_separation_deg=30.0 if views <= 12 else 12.0, **volume_setup(spec, ribosome_path))
 
 
 def prepare(images, ctf, apix, pp_cfg):
-    from .preprocess import preprocess_batch
+    from clcluster.steps.preprocess import preprocess_batch
 
     return np.concatenate([preprocess_batch(images[s:s + 512], ctf.subset(np.arange(s, min(len(images), s + 512))), apix, pp_cfg)
                            for s in range(0, len(images), 512)]).astype(np.float32)
@@ -67,9 +67,9 @@ def prepare(images, ctf, apix, pp_cfg):
 def embed_stack(images, run_cfg: dict, seed: int, workdir: Path, apix: float) -> np.ndarray:
     """The pipeline's train → embed on preprocessed images (n, D, D) (stored as float16, as the
     shards are): L2-normalised features (n, d)."""
-    from .embed import embed_images
-    from .models import load_encoder
-    from .train import TrainConfig, train
+    from clcluster.steps.embed import embed_images
+    from clcluster.learn.models import load_encoder
+    from clcluster.steps.train import TrainConfig, train
 
     np.save(workdir / "shard.npy", images.astype(np.float16))
     train([workdir / "shard.npy"], workdir / "encoder.pt", TrainConfig.from_dict(run_cfg["train"]), seed=seed, device="cpu", apix=apix)
@@ -80,7 +80,7 @@ def embed_stack(images, run_cfg: dict, seed: int, workdir: Path, apix: float) ->
 def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
     """The pipeline's own train → embed → cluster on preprocessed images; returns
     (alignment-free labels, refined labels, seconds of the alignment-free stage, total seconds)."""
-    from .cluster import ClusterConfig, cluster
+    from clcluster.steps.cluster import ClusterConfig, cluster
 
     t0 = time.time()
     feats = embed_stack(images, run_cfg, seed, workdir, apix)
@@ -96,8 +96,8 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
     from random partitions, all K classes compared in every pass (no embedding), the restart
     with the highest final log-likelihood kept, as the default keeps its restarts; one start
     and no split-and-merge above `cluster.refine_guards_max_k` classes, as the default."""
-    from .align import PolarCache, PolarGrid
-    from .cluster import ClusterConfig, chain_objective, refine_chain, refine_restarts
+    from clcluster.em.align import PolarCache, PolarGrid
+    from clcluster.steps.cluster import ClusterConfig, chain_objective, refine_chain, refine_restarts
 
     cc = ClusterConfig.from_dict(run_cfg["cluster"])
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
@@ -112,8 +112,8 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
 
 def run_dataset(images, truth, refs, k, methods, run_cfg, seed, apix, ml2d_starts=3) -> list[dict]:
     """Every method on one preprocessed stack; one result row per method."""
-    from .baselines import invariant_kmeans, oracle_labels, pca_kmeans
-    from .ml2d import ml2d
+    from clcluster.bench.baselines import invariant_kmeans, oracle_labels, pca_kmeans
+    from clcluster.em.ml2d import ml2d
 
     rows = []
 
@@ -146,9 +146,9 @@ def run_dataset(images, truth, refs, k, methods, run_cfg, seed, apix, ml2d_start
 def run_benchmark(bc: BenchmarkConfig, run_cfg: dict, out_dir, ribosome_path: str | None = None) -> pd.DataFrame:
     """Simulate each volume once (clean), add noise per SNR, run every method; write
     results.csv, results.md and accuracy_vs_snr.png into out_dir."""
-    from .imageops import fourier_crop, normalise_background
-    from .preprocess import PreprocessConfig
-    from .simulate import add_noise, simulate_clean
+    from clcluster.image.imageops import fourier_crop, normalise_background
+    from clcluster.steps.preprocess import PreprocessConfig
+    from clcluster.steps.simulate import add_noise, simulate_clean
 
     out_dir = Path(out_dir)
     pp = PreprocessConfig.from_dict(run_cfg["preprocess"])

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from .align import PolarScanner, to_reference_frame
-from .rng import POLISH
+from clcluster.em.align import PolarScanner, to_reference_frame
+from clcluster.core.rng import POLISH
 
 __all__ = ["ML2DResult", "classify", "ml2d", "polish"]
 

@@ -12,10 +12,10 @@ import torch
 from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.decomposition import PCA
 
-from .imageops import polar_resample
+from clcluster.image.imageops import polar_resample
 # The rotation/shift scan is shared with ML2D (one implementation); it belongs in a layer-2
 # `align` module once that exists, so that this step no longer imports another step.
-from .align import PolarScanner
+from clcluster.em.align import PolarScanner
 
 __all__ = ["pca_kmeans", "invariant_features", "invariant_kmeans", "oracle_labels"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module
+from clcluster.core.backend import asnumpy, get_array_module
 
 
 def centred_grid(box: int, xp=np):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.star import ParticleTable, write_star
+from clcluster.io.star import ParticleTable, write_star
 
 ROW_COLUMN = "clclusterInputRow"  # hidden column carrying each particle's 0-based input row
 

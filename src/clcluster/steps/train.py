@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist_utils
-from .augment import AugmentConfig, two_views, two_views_batched
-from .backend import choose_array_module, select_device, to_torch
-from .data import BatchPlan, ShardSet
-from .io.atomic import atomic_path, write_text
-from .losses import nt_xent
-from .models import ContrastiveModel, build_encoder, convert_sync_batchnorm
-from .config import dataclass_from_dict
-from .rng import AUGMENT
+from clcluster.core import distributed as dist_utils
+from clcluster.learn.augment import AugmentConfig, two_views, two_views_batched
+from clcluster.core.backend import choose_array_module, select_device, to_torch
+from clcluster.learn.data import BatchPlan, ShardSet
+from clcluster.io.atomic import atomic_path, write_text
+from clcluster.learn.losses import nt_xent
+from clcluster.learn.models import ContrastiveModel, build_encoder, convert_sync_batchnorm
+from clcluster.core.config import dataclass_from_dict
+from clcluster.core.rng import AUGMENT
 
 log = logging.getLogger(__name__)
 

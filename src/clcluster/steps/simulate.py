@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .ctf import CTFParams, apply_ctf
-from .imageops import fourier_shift, rotate
-from .io.atomic import atomic_path
-from .io.mrc import read_volume, write_stack
-from .io.star import ParticleTable, write_star
-from .config import dataclass_from_dict
-from .rng import NOISE_OFFSET, VOLUME_OFFSET
+from clcluster.image.ctf import CTFParams, apply_ctf
+from clcluster.image.imageops import fourier_shift, rotate
+from clcluster.io.atomic import atomic_path
+from clcluster.io.mrc import read_volume, write_stack
+from clcluster.io.star import ParticleTable, write_star
+from clcluster.core.config import dataclass_from_dict
+from clcluster.core.rng import NOISE_OFFSET, VOLUME_OFFSET
 
 BUILTIN_PREFIX = "builtin:"
 

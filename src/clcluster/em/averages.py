@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
-from .ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
-from .imageops import circular_mask, normalise_background
-from .io.mrc import read_images
-from .rng import HALF_SETS_OFFSET
+from clcluster.em.align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
+from clcluster.image.ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
+from clcluster.image.imageops import circular_mask, normalise_background
+from clcluster.io.mrc import read_images
+from clcluster.core.rng import HALF_SETS_OFFSET
 
 log = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
-        from .backend import rank_device, use_device
+        from clcluster.core.backend import rank_device, use_device
 
         use_device(rank_device("cuda"))  # local_rank % visible GPUs, for torch and CuPy
     dist.init_process_group(backend, init_method=f"tcp://{lay['addr']}:{lay['port']}", rank=lay["rank"],

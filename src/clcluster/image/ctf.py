@@ -10,8 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module
-from .imageops import fourier_filter, freq_grid
+from clcluster.core.backend import asnumpy, get_array_module
+from clcluster.image.imageops import fourier_filter, freq_grid
 
 CTF_LABELS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
               "rlnSphericalAberration", "rlnAmplitudeContrast")
@@ -77,7 +77,7 @@ class CTFParams:
         """CTF parameters of each particle of a ParticleTable (optics values merged in).
 
         Raises ParticleFileError naming the missing columns."""
-        from .io.star import ParticleFileError
+        from clcluster.io.star import ParticleFileError
 
         missing = [c for c in CTF_LABELS if table.column(c) is None]
         if missing:

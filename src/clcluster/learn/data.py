@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .rng import TRAIN_EPOCH, TRAIN_SUBSET
+from clcluster.core.rng import TRAIN_EPOCH, TRAIN_SUBSET
 
 
 class ShardSet:

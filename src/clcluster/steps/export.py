@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses, relion_pose,
+from clcluster.em.averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses, relion_pose,
                        split_halves, wiener_class_averages)
-from .poses import refine_array, refine_original
-from .io.atomic import atomic_path, write_text
-from .io.mrc import StackError, write_stack
-from .io.star import ParticleTable, write_star
-from .config import dataclass_from_dict
-from .rng import CRYOSPARC_UID_SEED
+from clcluster.em.poses import refine_array, refine_original
+from clcluster.io.atomic import atomic_path, write_text
+from clcluster.io.mrc import StackError, write_stack
+from clcluster.io.star import ParticleTable, write_star
+from clcluster.core.config import dataclass_from_dict
+from clcluster.core.rng import CRYOSPARC_UID_SEED
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,15 @@ def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: floa
     alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
     image). `align_apix` (the working pixel size the poses were found at) is not needed: the
     origins come in Å."""
-    from .ctf import CTFParams
-    from .averages import has_ctf
+    from clcluster.image.ctf import CTFParams
+    from clcluster.em.averages import has_ctf
 
     n = len(table)
     paths, idx = table.image_refs()
     apix = table.pixel_size().astype(np.float32)
     box = table.column("rlnImageSize")
     if box is None:
-        from .io.mrc import stack_shape
+        from clcluster.io.mrc import stack_shape
 
         box = np.full(n, stack_shape(paths[0])[-1]) if n else np.zeros(0)
     spaths = np.array([str(p) for p in paths], dtype=object)

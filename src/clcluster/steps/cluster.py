@@ -11,13 +11,13 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .align import (Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_references, similar_classes, soft_em,
+from clcluster.em.align import (Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_references, similar_classes, soft_em,
                     split_merge)
-from .backend import select_device
-from .config import dataclass_from_dict
-from .data import RowView, random_rows
-from .ml2d import ML2DResult, classify, polish
-from .rng import KMEANS_SAMPLE, REFINE_SUBSET, restart_key
+from clcluster.core.backend import select_device
+from clcluster.core.config import dataclass_from_dict
+from clcluster.learn.data import RowView, random_rows
+from clcluster.em.ml2d import ML2DResult, classify, polish
+from clcluster.core.rng import KMEANS_SAMPLE, REFINE_SUBSET, restart_key
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .ctf import CTF_LABELS, PHASE_FLIPPED, PREMULTIPLIED, RAW, SIGN_CONVENTION, ctf_states, state_counts
-from .io.atomic import atomic_path
-from .io.mrc import (MRC_HEADER_BYTES, WHOLE_FILE_FIX, StackError, compression, open_stack, readable_images,
+from clcluster.image.ctf import CTF_LABELS, PHASE_FLIPPED, PREMULTIPLIED, RAW, SIGN_CONVENTION, ctf_states, state_counts
+from clcluster.io.atomic import atomic_path
+from clcluster.io.mrc import (MRC_HEADER_BYTES, WHOLE_FILE_FIX, StackError, compression, open_stack, readable_images,
                      stack_data, whole_file_problem)
-from .io.star import ParticleFileError, ParticleTable, parse_image_name, write_star
+from clcluster.io.star import ParticleFileError, ParticleTable, parse_image_name, write_star
 
 
 @dataclasses.dataclass
@@ -498,7 +498,7 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(args) -> int:
     """Run the checks; 0 when the input is usable (or made usable by --exclude-bad), 1 when
     problems remain, 2 when the particle file itself cannot be read."""
-    from .io.particles import read_particles
+    from clcluster.io.particles import read_particles
 
     if args.excluded_list and not args.exclude_bad:
         print("error: --excluded-list needs --exclude-bad OUT_STAR", file=sys.stderr)

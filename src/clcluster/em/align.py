@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .rng import SPLIT_MERGE_OFFSET
+from clcluster.core.rng import SPLIT_MERGE_OFFSET
 
 # An EM pass that changes fewer than this fraction of the labels has converged (0.2 %: the
 # labels of a few particles in a thousand flip back and forth between passes).
@@ -491,7 +491,7 @@ def class_polar_means_subset(cache: PolarCache, rows: np.ndarray) -> torch.Tenso
 
 def to_reference_frame(images, angle_deg, shift_px):
     """Undo each particle's pose: shift by -s, then rotate by -a. images (n, D, D) NumPy/CuPy."""
-    from .imageops import fourier_shift, rotate
+    from clcluster.image.imageops import fourier_shift, rotate
 
     return rotate(fourier_shift(images, -np.asarray(shift_px)), -np.asarray(angle_deg))
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import asnumpy, choose_array_module, get_array_module
-from .ctf import PHASE_FLIPPED, PREMULTIPLIED, RAW, CTFParams, correction_filter, ctf_states, state_counts
-from .imageops import circular_mask, fourier_crop_filtered, fourier_filter, freq_grid, lowpass, normalise_background
-from .io.atomic import atomic_path, write_text
-from .io.mrc import read_images
-from .io.star import ParticleTable
-from .config import dataclass_from_dict
+from clcluster.core.backend import asnumpy, choose_array_module, get_array_module
+from clcluster.image.ctf import PHASE_FLIPPED, PREMULTIPLIED, RAW, CTFParams, correction_filter, ctf_states, state_counts
+from clcluster.image.imageops import circular_mask, fourier_crop_filtered, fourier_filter, freq_grid, lowpass, normalise_background
+from clcluster.io.atomic import atomic_path, write_text
+from clcluster.io.mrc import read_images
+from clcluster.io.star import ParticleTable
+from clcluster.core.config import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 

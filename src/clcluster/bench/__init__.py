@@ -1,0 +1,1 @@
+"""Benchmarks: the accuracy grid and the baseline methods it compares."""

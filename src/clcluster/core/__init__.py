@@ -1,0 +1,1 @@
+"""Core: configuration and its schema, named random streams, array backend, distributed ranks, metrics."""

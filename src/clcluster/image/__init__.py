@@ -1,0 +1,1 @@
+"""Image operations: Fourier shifts and rotations, filters, masks, the CTF."""

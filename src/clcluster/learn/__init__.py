@@ -1,0 +1,1 @@
+"""Contrastive learning: augmentation, encoders, the loss, training batches over shards."""

@@ -1,0 +1,1 @@
+"""One module per workflow step (check, shard, preprocess, train, embed, cluster, export, simulate)."""
