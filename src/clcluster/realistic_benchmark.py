@@ -45,7 +45,7 @@ class RealisticBenchmarkConfig:
     fidelity_directions: int = 1000
     template_directions: int = 300
     template_max_shift_px: int = 4
-    fidelity_max_shift_px: int = 3
+    fidelity_max_shift_px: int = 2
 
 
 # ---------------------------------------------------------------------------------------------
