@@ -128,3 +128,22 @@ def test_fidelity_finds_a_rotated_shifted_reference_and_not_noise():
     noise = np.random.default_rng(0).normal(size=(1, 32, 32)).astype(np.float32)
     c = best_correlations(np.concatenate([avg, noise]), refs, apix=5.0, resolution_A=20.0)
     assert c[0] > 0.95 and c[1] < 0.5
+
+
+def test_realistic_benchmark_scores_every_method(tmp_path):
+    from clcluster.config import load_config
+    from clcluster.realistic_benchmark import RealisticBenchmarkConfig, run_realistic_benchmark
+
+    cfg = load_config(None)
+    sc = SimulationConfig(**SMALL, realistic={"particles": 160, "junk_fraction": 0.25})
+    bc = RealisticBenchmarkConfig(classes=4, methods=("random", "truth_kmeans", "template"), fidelity_directions=60,
+                                  template_directions=40, template_max_shift_px=2)
+    df = run_realistic_benchmark(bc, cfg, tmp_path, sc)
+    assert list(df["method"]) == ["random", "truth_kmeans", "template"]
+    assert (tmp_path / "results.csv").exists() and "truth_kmeans" in (tmp_path / "results.md").read_text()
+    by = df.set_index("method")
+    assert by.loc["truth_kmeans", "view_score"] == pytest.approx(1.0)
+    assert by.loc["random", "view_score"] < 0.5
+    for col in ("junk_removed", "good_kept", "removed_empty", "removed_aggregate", "fidelity", "fidelity_with_rotavg"):
+        assert df[col].between(-1, 1).all(), col
+    assert (df["purity_in"] == 0.75).all()
