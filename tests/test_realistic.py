@@ -136,10 +136,10 @@ def test_realistic_benchmark_scores_every_method(tmp_path):
 
     cfg = load_config(None)
     sc = SimulationConfig(**SMALL, realistic={"particles": 160, "junk_fraction": 0.25})
-    bc = RealisticBenchmarkConfig(classes=4, methods=("random", "truth_kmeans", "template"), fidelity_directions=60,
+    bc = RealisticBenchmarkConfig(classes=4, methods=("random", "truth_kmeans", "truth_poses", "template"), fidelity_directions=60,
                                   template_directions=40, template_max_shift_px=2)
     df = run_realistic_benchmark(bc, cfg, tmp_path, sc)
-    assert list(df["method"]) == ["random", "truth_kmeans", "template"]
+    assert list(df["method"]) == ["random", "truth_kmeans", "truth_poses", "template"]
     assert (tmp_path / "results.csv").exists() and "truth_kmeans" in (tmp_path / "results.md").read_text()
     by = df.set_index("method")
     assert by.loc["truth_kmeans", "view_score"] == pytest.approx(1.0)
@@ -147,3 +147,5 @@ def test_realistic_benchmark_scores_every_method(tmp_path):
     for col in ("junk_removed", "good_kept", "removed_empty", "removed_aggregate", "fidelity", "fidelity_with_rotavg"):
         assert df[col].between(-1, 1).all(), col
     assert (df["purity_in"] == 0.75).all()
+    # averages started from the true poses are at least as close to the map as reference-free ones
+    assert by.loc["truth_poses", "fidelity_with_rotavg"] >= by.loc["truth_kmeans", "fidelity_with_rotavg"] - 0.02

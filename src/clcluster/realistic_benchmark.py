@@ -6,7 +6,8 @@ particles kept, and the fidelity of the class averages to clean projections.
 Methods: cl_kmeans (the alignment-free stage: contrastive encoder + K-means), cl_refined (the
 default pipeline), ml2d, invariant (rotation-invariant features + spectral clustering),
 random labels, truth_kmeans (K-means on the true directions; junk spread at random: the
-perfect partition) and template (template matching against projections of the true map over
+perfect partition), truth_poses (the same partition, the export's
+alignment started from the true poses: the ceiling of the averages) and template (template matching against projections of the true map over
 a direction grid, matched directions clustered by K-means: a ceiling of what the images
 carry). Every method's classes go through the same automatic selection as `export`'s
 (reference-free alignment within each class, half-set FRC, `averages.class_quality`), at the
@@ -29,7 +30,7 @@ from .realistic_scores import (best_correlations, coherence_references, fibonacc
 
 log = logging.getLogger(__name__)
 
-REALISTIC_METHODS = ("cl_kmeans", "cl_refined", "ml2d", "invariant", "random", "truth_kmeans", "template")
+REALISTIC_METHODS = ("cl_kmeans", "cl_refined", "ml2d", "invariant", "random", "truth_kmeans", "truth_poses", "template")
 
 
 @dataclasses.dataclass
@@ -49,15 +50,19 @@ class RealisticBenchmarkConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_cfg: dict, seed: int = 0):
+def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_cfg: dict, seed: int = 0,
+                        angle_deg=None, shift_px=None):
     """The export's automatic class selection on preprocessed images (n, D, D) at `apix` Å/px:
-    reference-free alignment within each class, aligned means and half-set averages, FRC
-    resolution, `class_quality`. -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
+    reference-free alignment within each class (from the classifier's poses where given and
+    `export.start_from_cluster_pose`, as the export does), aligned means and half-set averages,
+    FRC resolution, `class_quality`. -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
     from .averages import aligned_means, class_quality, half_set_resolution, refine_class_poses, split_halves
     from .export import ExportConfig
 
     ec = ExportConfig.from_dict(export_cfg)
-    poses = refine_class_poses(images, labels, k, iterations=ec.align_iterations, n_angles=ec.align_angles,
+    if angle_deg is None or not ec.start_from_cluster_pose:
+        angle_deg = shift_px = None
+    poses = refine_class_poses(images, labels, k, angle_deg, shift_px, iterations=ec.align_iterations, n_angles=ec.align_angles,
                                max_shift_px=ec.align_max_shift_px, seed=seed, batch_size=ec.batch_size,
                                cache_mb=ec.cache_mb)
     avgs = aligned_means(images, labels, k, poses.angle_deg, poses.shift_px)
@@ -86,12 +91,17 @@ def template_matching(images, references: np.ndarray, ref_dirs: np.ndarray, k: i
 
 
 def cl_pipeline(images, k: int, run_cfg: dict, seed: int, apix: float):
-    """The default pipeline's train -> embed -> cluster. -> (alignment-free labels, final labels,
-    seconds of the alignment-free stage, total seconds)."""
-    from .benchmark import run_cl
+    """The default pipeline's train -> embed -> cluster. -> (ClusterResult (labels, K-means
+    labels, poses), seconds of the alignment-free stage, total seconds)."""
+    from .benchmark import embed_stack
+    from .cluster import ClusterConfig, cluster
 
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
-        return run_cl(images, k, run_cfg, seed, Path(d), apix)
+        feats = embed_stack(images, run_cfg, seed, Path(d), apix)
+    t_embed = time.time() - t0
+    res = cluster(feats, k, ClusterConfig.from_dict(run_cfg["cluster"]), seed=seed, images=images, device="cpu")
+    return res, t_embed + res.timings["kmeans_s"], time.time() - t0
 
 
 def truth_partition(dirs: np.ndarray, good: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -108,7 +118,8 @@ def score_labels(name, labels, seconds, ctx: dict) -> dict:
     """One result row: view coherence, selection and fidelity of a labelling."""
     k, good, dirs = ctx["k"], ctx["good"], ctx["dirs"]
     t = time.time()
-    kept, avgs, q = automatic_selection(ctx["images"], labels, k, ctx["apix"], ctx["export_cfg"], ctx["seed"])
+    angle, shift = ctx.pop("poses", (None, None))
+    kept, avgs, q = automatic_selection(ctx["images"], labels, k, ctx["apix"], ctx["export_cfg"], ctx["seed"], angle, shift)
     w = good_class_weights(labels, good, k)
     deg = median_view_angle(dirs[good], labels[good])
     row = {"method": name, "seconds": round(seconds, 1), "view_median_deg": round(deg, 2),
@@ -136,15 +147,20 @@ def method_labels(name: str, ctx: dict, run_cfg: dict, bc: RealisticBenchmarkCon
     if name in ("cl_kmeans", "cl_refined"):
         if "cl" not in cache:
             cache["cl"] = cl_pipeline(images, k, run_cfg, seed, ctx["apix"])
-        free, refined, t_free, t_all = cache["cl"]
-        return (free, t_free) if name == "cl_kmeans" else (refined, t_all)
+        res, t_free, t_all = cache["cl"]
+        if name == "cl_kmeans":
+            return res.kmeans_labels, t_free
+        ctx["poses"] = (res.angle_deg, res.shift_px)
+        return res.labels, t_all
     if name == "ml2d":
         return ml2d(images, k, n_starts=bc.ml2d_starts, seed=seed).labels, time.time() - t
     if name == "invariant":
         return invariant_kmeans(images, k, seed=seed), time.time() - t
     if name == "random":
         return np.random.default_rng(seed + 1).integers(0, k, len(images)), 0.0
-    if name == "truth_kmeans":
+    if name in ("truth_kmeans", "truth_poses"):
+        if name == "truth_poses":
+            ctx["poses"] = ctx["true_poses"]
         return truth_partition(ctx["dirs"], ctx["good"], k, seed), 0.0
     if name == "template":
         labels, _ = template_matching(images, ctx["tm_refs"], ctx["tm_dirs"], k, bc.template_max_shift_px, seed)
@@ -190,7 +206,9 @@ def run_realistic_benchmark(bc: RealisticBenchmarkConfig, run_cfg: dict, out_dir
         ctx = {"images": images, "k": bc.classes, "good": good, "dirs": dirs, "kinds": kinds, "apix": apix,
                "export_cfg": run_cfg.get("export", {}), "seed": bc.seed, "coherence": coherence,
                "fid_refs": fid_refs, "fid_res": bc.fidelity_resolution_A,
-               "fid_shift": bc.fidelity_max_shift_px, "tm_refs": tm_refs, "tm_dirs": tm_dirs}
+               "fid_shift": bc.fidelity_max_shift_px,
+               # image = shift(rotate(projection, psi)) in imageops' convention; shifts in working px
+               "true_poses": (truth["psi_deg"].to_numpy(), truth[["shift_x_px", "shift_y_px"]].to_numpy() * pp.box / sim_cfg.box), "tm_refs": tm_refs, "tm_dirs": tm_dirs}
         log.info("SNR %g, K=%d: kmeans-on-truth %.1f deg, random %.1f deg", snr, bc.classes,
                  coherence["kmeans_truth_deg"], coherence["random_deg"])
         cache: dict = {}
