@@ -51,11 +51,13 @@ class RealisticBenchmarkConfig:
 
 # ---------------------------------------------------------------------------------------------
 def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_cfg: dict, seed: int = 0,
-                        angle_deg=None, shift_px=None):
+                        angle_deg=None, shift_px=None, average_images=None):
     """The export's automatic class selection on preprocessed images (n, D, D) at `apix` Å/px:
     reference-free alignment within each class (from the classifier's poses where given and
     `export.start_from_cluster_pose`, as the export does), aligned means and half-set averages,
-    FRC resolution, `class_quality`. -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
+    FRC resolution, `class_quality`. The poses come from `images`; the averages are taken of
+    `average_images` where given (the export averages the original images, not whitened ones).
+    -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
     from .averages import aligned_means, class_quality, half_set_resolution, refine_class_poses, split_halves
     from .export import ExportConfig
 
@@ -65,9 +67,10 @@ def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_
     poses = refine_class_poses(images, labels, k, angle_deg, shift_px, iterations=ec.align_iterations, n_angles=ec.align_angles,
                                max_shift_px=ec.align_max_shift_px, seed=seed, batch_size=ec.batch_size,
                                cache_mb=ec.cache_mb)
-    avgs = aligned_means(images, labels, k, poses.angle_deg, poses.shift_px)
+    src = images if average_images is None else average_images
+    avgs = aligned_means(src, labels, k, poses.angle_deg, poses.shift_px)
     halves = split_halves(labels, seed)
-    half = np.stack([aligned_means(images, np.where(halves == h, labels, k), k + 1, poses.angle_deg,
+    half = np.stack([aligned_means(src, np.where(halves == h, labels, k), k + 1, poses.angle_deg,
                                    poses.shift_px)[:k] for h in (0, 1)])
     res_A, _ = half_set_resolution(half, apix, ec.frc_threshold)
     counts = np.bincount(labels, minlength=k)
@@ -119,7 +122,8 @@ def score_labels(name, labels, seconds, ctx: dict) -> dict:
     k, good, dirs = ctx["k"], ctx["good"], ctx["dirs"]
     t = time.time()
     angle, shift = ctx.pop("poses", (None, None))
-    kept, avgs, q = automatic_selection(ctx["images"], labels, k, ctx["apix"], ctx["export_cfg"], ctx["seed"], angle, shift)
+    kept, avgs, q = automatic_selection(ctx["images"], labels, k, ctx["apix"], ctx["export_cfg"], ctx["seed"], angle, shift,
+                                        ctx.get("average_images"))
     w = good_class_weights(labels, good, k)
     deg = median_view_angle(dirs[good], labels[good])
     row = {"method": name, "seconds": round(seconds, 1), "view_median_deg": round(deg, 2),
@@ -203,7 +207,8 @@ def run_realistic_benchmark(bc: RealisticBenchmarkConfig, run_cfg: dict, out_dir
     for snr in bc.snrs:
         noisy, _ = add_coloured_noise(clean, good, snr, rc, sim_cfg.seed)
         images = prepare(noisy, ctf, sim_cfg.apix, pp)
-        ctx = {"images": images, "k": bc.classes, "good": good, "dirs": dirs, "kinds": kinds, "apix": apix,
+        plain = prepare(noisy, ctf, sim_cfg.apix, dataclasses.replace(pp, whiten=False)) if pp.whiten else None
+        ctx = {"images": images, "average_images": plain, "k": bc.classes, "good": good, "dirs": dirs, "kinds": kinds, "apix": apix,
                "export_cfg": run_cfg.get("export", {}), "seed": bc.seed, "coherence": coherence,
                "fid_refs": fid_refs, "fid_res": bc.fidelity_resolution_A,
                "fid_shift": bc.fidelity_max_shift_px,
