@@ -245,7 +245,8 @@ def cmd_benchmark(args) -> int:
 def realistic_benchmark(args, cfg: dict) -> int:
     """`benchmark --mode realistic`: one realistic stack of the ribosome (or --volumes' first
     entry), every method scored by view coherence, selection and fidelity."""
-    from .realistic_benchmark import REALISTIC_METHODS, RealisticBenchmarkConfig, realistic_markdown, run_realistic_benchmark
+    from .realistic_benchmark import (REALISTIC_METHODS, RealisticBenchmarkConfig, realistic_markdown,
+                                      run_realistic_benchmark)
     from .simulate import SimulationConfig
 
     vol = args.volumes[0] if args.volumes and args.volumes[0] != "ribosome" else (args.ribosome or _ribosome_guess())
