@@ -149,3 +149,18 @@ def test_realistic_benchmark_scores_every_method(tmp_path):
     assert (df["purity_in"] == 0.75).all()
     # averages started from the true poses are at least as close to the map as reference-free ones
     assert by.loc["truth_poses", "fidelity_with_rotavg"] >= by.loc["truth_kmeans", "fidelity_with_rotavg"] - 0.02
+
+
+def test_benchmark_prepare_whitens_as_the_pipeline_does():
+    from clcluster.benchmark import prepare
+    from clcluster.ctf import CTFParams
+    from clcluster.preprocess import PreprocessConfig, radial_noise_spectrum
+
+    noise = coloured_noise(300, noise_spectrum(64, RealisticConfig()), np.random.default_rng(0))
+    n = len(noise)
+    ctf = CTFParams(np.full(n, 15000.0), np.full(n, 15000.0), np.zeros(n), np.full(n, 300.0), np.full(n, 2.7),
+                    np.full(n, 0.1), np.zeros(n), np.zeros(n))
+    plain = radial_noise_spectrum(prepare(noise, ctf, 5.0, PreprocessConfig(box=32)))
+    white = radial_noise_spectrum(prepare(noise, ctf, 5.0, PreprocessConfig(box=32, whiten=True)))
+    assert plain[2] / plain[14] > 3  # coloured before
+    assert 0.6 < white[2] / white[14] < 1.6  # flat after whitening
