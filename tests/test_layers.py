@@ -21,7 +21,8 @@ LAYERS = {
     "em": (3, ["align", "ml2d", "averages", "poses"]),
     "learn": (3, ["augment", "models", "losses", "data"]),
     "steps": (4, ["check", "shards", "preprocess", "train", "embed", "cluster", "export", "simulate"]),
-    "bench": (5, ["benchmark", "baselines"]),
+    "sim": (3, ["realistic"]),
+    "bench": (5, ["benchmark", "baselines", "realistic_benchmark", "realistic_scores"]),
     "cli": (6, []),  # clcluster.cli: the command line over the steps
 }
 DESCRIPTIONS = {
@@ -30,6 +31,7 @@ DESCRIPTIONS = {
     "em": "Alignment and EM: polar scans, annealed and hard EM, split-and-merge, ML2D, class averages.",
     "learn": "Contrastive learning: augmentation, encoders, the loss, training batches over shards.",
     "steps": "One module per workflow step (check, shard, preprocess, train, embed, cluster, export, simulate).",
+    "sim": "Simulation science below the simulate step: the realistic particle-set simulator.",
     "bench": "Benchmarks: the accuracy grid and the baseline methods it compares.",
 }
 OWN_LAYER_FORBIDDEN = {"steps"}

@@ -50,12 +50,37 @@ def cmd_simulate(args) -> int:
     if args.volume:
         sim_cfg["volumes"] = args.volume
     sim_cfg["seed"] = cfg["seed"] if args.seed is None else args.seed
+    if args.mode:
+        sim_cfg["mode"] = args.mode
+    sim_cfg["realistic"] = _realistic_overrides(dict(sim_cfg.get("realistic") or {}), args)
     sc = SimulationConfig.from_dict(sim_cfg)
+    if sc.mode == "realistic":
+        log.info("simulating a realistic stack of %d picks (%.0f %% junk, %s views), box %d px at %.2f Å/px, SNR %g",
+                 sc.realistic["particles"], 100 * sc.realistic["junk_fraction"], sc.realistic["orientations"],
+                 sc.box, sc.apix, sc.snr)
+        star = write_simulation(simulate(sc), sc, args.out_dir, args.name)
+        print(star)
+        return 0
     log.info("simulating %d volume(s) x %d views x %d images, box %d px at %.2f Å/px, SNR %g",
              len(sc.volumes), sc.views, sc.images_per_view, sc.box, sc.apix, sc.snr)
     star = write_simulation(simulate(sc), sc, args.out_dir, args.name)
     print(star)
     return 0
+
+
+def _realistic_overrides(rc: dict, args) -> dict:
+    """simulate.realistic settings with the command line's realistic-mode options applied."""
+    for key in ("particles", "junk_fraction", "orientations", "max_offset_fraction"):
+        if getattr(args, key, None) is not None:
+            rc[key] = getattr(args, key)
+    return rc
+
+
+def _add_realistic_options(s) -> None:
+    s.add_argument("--particles", type=int, help="realistic mode: picks in the stack (particles and junk)")
+    s.add_argument("--junk-fraction", type=float, help="realistic mode: fraction of junk picks (0-0.4 typical)")
+    s.add_argument("--orientations", choices=["uniform", "preferred"], help="realistic mode: view distribution")
+    s.add_argument("--max-offset-fraction", type=float, help="realistic mode: pick offset radius, fraction of the box")
 
 
 def cmd_check(args) -> int:
@@ -199,6 +224,11 @@ def cmd_benchmark(args) -> int:
     from clcluster.bench.benchmark import METHODS, BenchmarkConfig, run_benchmark
 
     cfg = _config(args)
+    if args.mode == "realistic":
+        return realistic_benchmark(args, cfg)
+    args.snrs = args.snrs or [0.25, 0.1, 0.05, 0.02, 0.01]
+    args.volumes = args.volumes or ["builtin:0", "ribosome"]
+    args.ml2d_starts = 3 if args.ml2d_starts is None else args.ml2d_starts
     bc = BenchmarkConfig(snrs=tuple(args.snrs), volumes=tuple(args.volumes), views=args.views,
                          images_per_view=args.images_per_view, methods=tuple(args.methods or METHODS), seed=cfg["seed"],
                          ml2d_starts=args.ml2d_starts)
@@ -211,6 +241,33 @@ def cmd_benchmark(args) -> int:
 
     print(markdown_tables(df))
     return 0
+
+
+def realistic_benchmark(args, cfg: dict) -> int:
+    """`benchmark --mode realistic`: one realistic stack of the ribosome (or --volumes' first
+    entry), every method scored by view coherence, selection and fidelity."""
+    from clcluster.bench.realistic_benchmark import (REALISTIC_METHODS, RealisticBenchmarkConfig, realistic_markdown,
+                                      run_realistic_benchmark)
+    from clcluster.steps.simulate import SimulationConfig
+
+    vol = args.volumes[0] if args.volumes and args.volumes[0] != "ribosome" else (args.ribosome or _ribosome_guess())
+    if vol is None:
+        raise ValueError("the realistic benchmark needs --ribosome PATH or --volumes builtin:N")
+    sim = dict(cfg["simulate"], volumes=[vol], seed=cfg["seed"], mode="realistic",
+               realistic=_realistic_overrides(dict(cfg["simulate"].get("realistic") or {}), args))
+    if not vol.startswith("builtin:"):
+        sim.update(apix=5.0, volume_apix=5.0)  # the ribosome map: 5 Å voxels, ~250 Å across a 64 px box
+    bc = RealisticBenchmarkConfig(snrs=tuple(args.snrs or [0.05]), classes=args.classes, seed=cfg["seed"],
+                                  methods=tuple(args.methods or REALISTIC_METHODS),
+                                  ml2d_starts=1 if args.ml2d_starts is None else args.ml2d_starts)
+    df = run_realistic_benchmark(bc, cfg, args.out_dir, SimulationConfig.from_dict(sim))
+    print(realistic_markdown(df))
+    return 0
+
+
+def _ribosome_guess():
+    guess = Path(__file__).resolve().parents[3] / "shared/data/volumes/clean70SRibosome_vol_65p.mrc"
+    return str(guess) if guess.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shift-px", type=float, help="random shift uniform in [-max, max] pixels per axis")
     s.add_argument("--volume", action="append", help="builtin:N or an MRC map (repeat for several)")
     s.add_argument("--seed", type=int, help="random seed (default: config seed)")
+    s.add_argument("--mode", choices=["grid", "realistic"], help="grid: discrete views, white noise; realistic: "
+                   "continuous views, junk, coloured noise, off-centre picks (default: config simulate.mode)")
+    _add_realistic_options(s)
     _add_config(s)
     s.set_defaults(func=cmd_simulate)
 
@@ -319,13 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same stacks; write results.csv, results.md and accuracy_vs_snr.png. The CL methods "
                                    "use the config's preprocess/train/cluster settings, i.e. the pipeline's defaults.")
     s.add_argument("--out-dir", required=True)
-    s.add_argument("--snrs", type=float, nargs="+", default=[0.25, 0.1, 0.05, 0.02, 0.01])
-    s.add_argument("--volumes", nargs="+", default=["builtin:0", "ribosome"], help="builtin:N or 'ribosome'")
+    s.add_argument("--snrs", type=float, nargs="+", help="default: 0.25 0.1 0.05 0.02 0.01 (grid), 0.05 (realistic)")
+    s.add_argument("--volumes", nargs="+", help="builtin:N or 'ribosome' (default: both (grid), ribosome (realistic))")
     s.add_argument("--views", type=int, default=10, help="K views per volume")
     s.add_argument("--images-per-view", type=int, default=200)
     s.add_argument("--methods", nargs="+", help="subset of the methods (default: all)")
-    s.add_argument("--ml2d-starts", type=int, default=3, help="ML2D random starts (best log-likelihood kept)")
+    s.add_argument("--ml2d-starts", type=int, help="ML2D random starts, best log-likelihood kept (default: 3 grid, 1 realistic)")
     s.add_argument("--ribosome", help="ribosome map (default: shared/data/volumes beside the repository)")
+    s.add_argument("--mode", choices=["grid", "realistic"], default="grid",
+                   help="grid: K discrete views per volume, accuracy; realistic: one stack with continuous views, junk "
+                        "and coloured noise (config simulate.realistic), scored by view coherence, junk selection "
+                        "and class-average fidelity (docs/realistic.md)")
+    s.add_argument("--classes", type=int, default=20, help="realistic mode: K classes")
+    _add_realistic_options(s)
     _add_config(s)
     s.set_defaults(func=cmd_benchmark)
 

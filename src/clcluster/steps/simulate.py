@@ -170,6 +170,8 @@ class SimulationConfig:
     volume_apix: float | None = None
     stack_size: int = 500
     seed: int = 0
+    mode: str = "grid"  # grid (K discrete views, white noise) | realistic (see realistic.py)
+    realistic: dict = dataclasses.field(default_factory=dict)  # realistic.RealisticConfig keys
 
     @classmethod
     def from_dict(cls, d: dict) -> "SimulationConfig":
@@ -236,6 +238,15 @@ def add_noise(sim: Simulation, snr: float, seed: int) -> Simulation:
 
 
 def simulate(cfg: SimulationConfig) -> Simulation:
+    """The stack of `cfg.mode`: grid (discrete views, white noise) or realistic."""
+    if cfg.mode == "realistic":
+        from clcluster.sim.realistic import simulate_realistic
+
+        vol = load_volume(cfg.volumes[0], cfg.box, cfg.apix, cfg.volume_apix)
+        noisy, clean, ctf, truth, sigma = simulate_realistic(cfg, cfg.realistic, vol)
+        return Simulation(noisy, clean, ctf, truth, sigma, np.zeros((0, cfg.box, cfg.box), np.float32))
+    if cfg.mode != "grid":
+        raise ValueError(f"simulate.mode must be grid or realistic, not {cfg.mode!r}")
     return add_noise(simulate_clean(cfg), cfg.snr, cfg.seed)
 
 
