@@ -1,5 +1,6 @@
-# Accuracy benchmark on simulated data (not part of the default target):
-#   snakemake benchmark --cores 2
+# Accuracy benchmark on simulated data (not part of the default target); the ribosome volume
+# needs its map:
+#   CLCLUSTER_RIBOSOME_MAP=path/to/clean70SRibosome_vol_65p.mrc snakemake benchmark --cores 2
 
 
 rule benchmark:

@@ -8,6 +8,11 @@ clean projections, the ceiling). Scores: Hungarian-matched accuracy, ARI, NMI; w
 """
 from __future__ import annotations
 
+import argparse
+import os
+
+from clcluster.core.cli_args import add_config, run_config
+
 import dataclasses
 import logging
 import tempfile
@@ -229,3 +234,40 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+# --- command line: `clcluster benchmark` ---------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    from clcluster.steps.simulate import add_realistic_options
+
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--snrs", type=float, nargs="+", help="default: 0.25 0.1 0.05 0.02 0.01 (grid), 0.05 (realistic)")
+    p.add_argument("--volumes", nargs="+", help="builtin:N or 'ribosome' (default: both (grid), ribosome (realistic))")
+    p.add_argument("--views", type=int, default=10, help="K views per volume")
+    p.add_argument("--images-per-view", type=int, default=200)
+    p.add_argument("--methods", nargs="+", help="subset of the methods (default: all)")
+    p.add_argument("--ml2d-starts", type=int, help="ML2D random starts, best log-likelihood kept (default: 3 grid, 1 realistic)")
+    p.add_argument("--ribosome", default=os.environ.get("CLCLUSTER_RIBOSOME_MAP"),
+                   help="MRC map of the 70S ribosome for the 'ribosome' volume (default: $CLCLUSTER_RIBOSOME_MAP)")
+    p.add_argument("--mode", choices=["grid", "realistic"], default="grid",
+                   help="grid: K discrete views per volume, accuracy; realistic: one stack with continuous views, junk "
+                        "and coloured noise (config simulate.realistic), scored by view coherence, junk selection "
+                        "and class-average fidelity (docs/realistic.md)")
+    p.add_argument("--classes", type=int, default=20, help="realistic mode: K classes")
+    add_realistic_options(p)
+    add_config(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the grid (or, with --mode realistic, the realistic benchmark); prints its tables."""
+    cfg = run_config(args)
+    if args.mode == "realistic":
+        from clcluster.bench.realistic_benchmark import main_realistic
+
+        return main_realistic(args, cfg)
+    bc = BenchmarkConfig(snrs=tuple(args.snrs or (0.25, 0.1, 0.05, 0.02, 0.01)),
+                         volumes=tuple(args.volumes or ("builtin:0", "ribosome")), views=args.views,
+                         images_per_view=args.images_per_view, methods=tuple(args.methods or METHODS), seed=cfg["seed"],
+                         ml2d_starts=3 if args.ml2d_starts is None else args.ml2d_starts)
+    print(markdown_tables(run_benchmark(bc, cfg, args.out_dir, args.ribosome)))
+    return 0

@@ -7,6 +7,10 @@ from pathlib import Path
 from clcluster.io.cryosparc import read_cs
 from clcluster.io.star import ParticleFileError, ParticleTable, read_star
 
+# Hidden column of the shard STAR files: each particle's 0-based row in the input particle file,
+# so that every later step can put its results back in input order and check that none is lost.
+ROW_COLUMN = "clclusterInputRow"
+
 
 def read_particles(path, root=None) -> ParticleTable:
     """Read a particle file (.star or .cs) into a ParticleTable; `root` is the project folder

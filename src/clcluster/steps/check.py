@@ -28,8 +28,16 @@ import pandas as pd
 
 from clcluster.image.ctf import CTF_LABELS, PHASE_FLIPPED, PREMULTIPLIED, RAW, SIGN_CONVENTION, ctf_states, state_counts
 from clcluster.io.atomic import atomic_path
-from clcluster.io.mrc import (MRC_HEADER_BYTES, WHOLE_FILE_FIX, StackError, compression, open_stack, readable_images,
-                     stack_data, whole_file_problem)
+from clcluster.io.mrc import (
+    MRC_HEADER_BYTES,
+    WHOLE_FILE_FIX,
+    StackError,
+    compression,
+    open_stack,
+    readable_images,
+    stack_data,
+    whole_file_problem,
+)
 from clcluster.io.star import ParticleFileError, ParticleTable, parse_image_name, write_star
 
 

@@ -4,20 +4,32 @@ rotations and shifts, only with the class averages of its m nearest centroids in
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from clcluster.em.align import (Alignment, PolarCache, PolarGrid, align_all, hard_em, polar_references, similar_classes, soft_em,
-                    split_merge)
 from clcluster.core.backend import select_device
+from clcluster.core.cli_args import add_config, add_device, run_config
 from clcluster.core.config import dataclass_from_dict
-from clcluster.learn.data import RowView, random_rows
-from clcluster.em.ml2d import ML2DResult, classify, polish
 from clcluster.core.rng import KMEANS_SAMPLE, REFINE_SUBSET, restart_key
+from clcluster.em.align import (
+    Alignment,
+    PolarCache,
+    PolarGrid,
+    align_all,
+    hard_em,
+    polar_references,
+    similar_classes,
+    soft_em,
+    split_merge,
+)
+from clcluster.em.ml2d import ML2DResult, classify, polish
+from clcluster.learn.data import RowView, random_rows
 
 log = logging.getLogger(__name__)
 
@@ -325,3 +337,59 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     result.angle_deg, result.shift_px, result.score, result.probability = a.angle_deg, a.shift_px, a.score, prob
     result.objective = float(a.score.mean())
     return result
+
+
+# --- command line: `clcluster cluster` -----------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", nargs="+", required=True, help="per-shard embeddings, shard order")
+    p.add_argument("--shard-stars", nargs="+", required=True, help="shard STAR files, same order")
+    p.add_argument("--preprocessed", nargs="+", required=True, help="preprocessed shards, same order")
+    p.add_argument("--classes", type=int, help="number of classes K (default: config classes)")
+    p.add_argument("--out-dir", required=True)
+    add_device(p)
+    add_config(p)
+
+
+def shard_rows(shard_stars) -> np.ndarray:
+    """The input row of every particle of the shards, shard order (n,); checks that the shards
+    hold every input row exactly once."""
+    from clcluster.core.integrity import check_complete
+    from clcluster.io.particles import ROW_COLUMN
+    from clcluster.io.star import read_star
+
+    rows = np.concatenate([read_star(s).particles[ROW_COLUMN].to_numpy() for s in shard_stars])
+    check_complete(int(rows.max()) + 1 if len(rows) else 0, rows, "shards")
+    return rows
+
+
+def write_assignments(res, rows: np.ndarray, out_dir) -> dict:
+    """labels.npy (n,) int32 and assignments.npz (per-particle arrays, centroids, objective) in
+    input order, written atomically. Returns the arrays."""
+    from clcluster.io.atomic import atomic_path, save_npy
+
+    order = np.argsort(rows)
+    arrays = {key: v[order] for key, v in res.arrays().items() if v.shape[0] == len(rows)}
+    arrays["centroids"] = res.centroids
+    out = Path(out_dir)
+    save_npy(out / "labels.npy", arrays["labels"].astype(np.int32))
+    with atomic_path(out / "assignments.npz") as tmp:
+        np.savez(tmp, **arrays, objective=np.float64(res.objective if res.objective is not None else np.nan))
+    return arrays
+
+
+def main(args: argparse.Namespace) -> int:
+    from clcluster.learn.data import ShardSet
+
+    cfg = run_config(args)
+    k = args.classes or cfg["classes"]
+    if not (len(args.embeddings) == len(args.shard_stars) == len(args.preprocessed)):
+        raise ValueError("give one embedding, one shard STAR and one preprocessed stack per shard, in the same order")
+    rows = shard_rows(args.shard_stars)
+    feats = merge_embeddings(args.embeddings)
+    if len(feats) != len(rows):
+        raise ValueError(f"{len(feats)} embeddings for {len(rows)} particles in the shards")
+    res = cluster(feats, k, ClusterConfig.from_dict(cfg["cluster"]), seed=cfg["seed"], images=ShardSet(args.preprocessed),
+                  device=args.device or cfg["device"])
+    labels = write_assignments(res, rows, args.out_dir)["labels"]
+    log.info("clustered %d particles into %d classes (sizes %s)", len(rows), k, np.bincount(labels, minlength=k).tolist())
+    return 0

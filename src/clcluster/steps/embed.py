@@ -1,6 +1,7 @@
 """Per-shard embedding: the trained encoder's L2-normalised features, no augmentation."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from clcluster.core.backend import select_device
+from clcluster.core.cli_args import add_config, add_device, run_config
 from clcluster.io.atomic import save_npy
 
 log = logging.getLogger(__name__)
@@ -39,3 +41,21 @@ def embed_shard(encoder_path, shard_npy, out_path, batch_size: int = 128, device
     feats = embed_images(encoder, images, batch_size, tdev)
     save_npy(Path(out_path), feats.astype(np.float32))
     return len(feats)
+
+
+# --- command line: `clcluster embed` -------------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True, help="encoder .pt from train")
+    p.add_argument("--shard", required=True, help="preprocessed .npy shard")
+    p.add_argument("--out", required=True, help="output .npy (n, feature_dim) float32, L2-normalised")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = all this process may use)")
+    add_device(p)
+    add_config(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = run_config(args)
+    n = embed_shard(args.encoder, args.shard, args.out, cfg["embed"]["batch_size"], args.device or cfg["device"],
+                    threads=args.threads)
+    log.info("embedded %d particles into %s", n, args.out)
+    return 0

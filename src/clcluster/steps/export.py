@@ -12,6 +12,7 @@ Columns written per particle (existing columns of the same name are replaced):
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -20,34 +21,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clcluster.em.averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses, relion_pose,
-                       split_halves, wiener_class_averages)
+from clcluster.core.cli_args import add_config, add_device, run_config
+from clcluster.core.config import dataclass_from_dict
+from clcluster.core.integrity import IntegrityError
+from clcluster.core.rng import CRYOSPARC_UID_SEED
+from clcluster.em.averages import (
+    aligned_means,
+    class_quality,
+    half_set_resolution,
+    refine_class_poses,
+    relion_pose,
+    split_halves,
+    wiener_class_averages,
+)
 from clcluster.em.poses import refine_array, refine_original
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import StackError, write_stack
 from clcluster.io.star import ParticleTable, write_star
-from clcluster.core.config import dataclass_from_dict
-from clcluster.core.rng import CRYOSPARC_UID_SEED
 
 log = logging.getLogger(__name__)
 
 AVERAGES = "class_averages.mrcs"
 TSNE_MIN_POINTS = 4
-
-
-class IntegrityError(RuntimeError):
-    """An output would lose or duplicate a particle."""
-
-
-def check_complete(n_input: int, rows: np.ndarray, what: str) -> None:
-    """Every input row 0..n_input-1 exactly once in `rows`, else IntegrityError."""
-    rows = np.asarray(rows)
-    counts = np.bincount(rows[(rows >= 0) & (rows < n_input)], minlength=n_input) if len(rows) else np.zeros(n_input, int)
-    missing, dup = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
-    extra = int(((rows < 0) | (rows >= n_input)).sum())
-    if missing.size or dup.size or extra:
-        raise IntegrityError(f"{what}: {missing.size} input particles missing (first rows {(missing[:5] + 1).tolist()}), "
-                             f"{dup.size} duplicated (first rows {(dup[:5] + 1).tolist()}), {extra} unknown")
 
 
 def class_averages(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, batch: int = 1024) -> np.ndarray:
@@ -199,8 +194,8 @@ def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: floa
     alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
     image). `align_apix` (the working pixel size the poses were found at) is not needed: the
     origins come in Å."""
-    from clcluster.image.ctf import CTFParams
     from clcluster.em.averages import has_ctf
+    from clcluster.image.ctf import CTFParams
 
     n = len(table)
     paths, idx = table.image_refs()
@@ -481,3 +476,40 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
     log.info("exported %d particles in %d classes to %s; selected classes %s (%d particles)", n, k, out_dir,
              selected_classes.tolist(), len(sel_rows))
     return summary
+
+
+# --- command line: `clcluster export` ------------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("particles", help="the input particle file (all its columns are kept)")
+    p.add_argument("--assignments", required=True, help="assignments.npz from cluster")
+    p.add_argument("--preprocessed", nargs="+", required=True, help="preprocessed shards, shard order")
+    p.add_argument("--classes", type=int)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--root", help="project root for relative stack paths")
+    p.add_argument("--embeddings", nargs="+", help="embeddings/shard_{i}.npy in input order (for the t-SNE map)")
+    p.add_argument("--select", help="classes to keep in particles_selected.star, e.g. '3,7' (default: config "
+                                    "export.select, else the automatic good/junk suggestion)")
+    p.add_argument("--average-box", choices=["input", "working"],
+                   help="average the original images at the input box (CTF-aware) or the preprocessed ones")
+    add_device(p)
+    add_config(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from clcluster.core.backend import select_device
+    from clcluster.io import read_particles
+    from clcluster.learn.data import ShardSet
+
+    cfg = run_config(args)
+    ecfg = dict(cfg["export"])
+    if args.select:
+        ecfg["select"] = [int(c) for c in args.select.replace(",", " ").split()]
+    if args.average_box:
+        ecfg["average_box"] = args.average_box
+    table = read_particles(args.particles, root=args.root or cfg.get("project_root") or None)
+    meta = json.loads(Path(args.preprocessed[0]).with_suffix(".json").read_text())
+    feats = np.concatenate([np.load(e, mmap_mode="r") for e in args.embeddings]) if args.embeddings else None
+    export(table, dict(np.load(args.assignments)), ShardSet(args.preprocessed), meta, args.classes or cfg["classes"],
+           args.out_dir, ExportConfig.from_dict(ecfg), embeddings=feats,
+           device=str(select_device(args.device or cfg["device"])), seed=cfg["seed"])
+    return 0

@@ -4,6 +4,7 @@ background normalisation, optional soft mask and noise whitening → float16 (n,
 memory at a time."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -13,12 +14,28 @@ from pathlib import Path
 import numpy as np
 
 from clcluster.core.backend import asnumpy, choose_array_module, get_array_module
-from clcluster.image.ctf import PHASE_FLIPPED, PREMULTIPLIED, RAW, CTFParams, correction_filter, ctf_states, state_counts
-from clcluster.image.imageops import circular_mask, fourier_crop_filtered, fourier_filter, freq_grid, lowpass, normalise_background
+from clcluster.core.cli_args import add_config, add_device, run_config
+from clcluster.core.config import dataclass_from_dict
+from clcluster.image.ctf import (
+    PHASE_FLIPPED,
+    PREMULTIPLIED,
+    RAW,
+    CTFParams,
+    correction_filter,
+    ctf_states,
+    state_counts,
+)
+from clcluster.image.imageops import (
+    circular_mask,
+    fourier_crop_filtered,
+    fourier_filter,
+    freq_grid,
+    lowpass,
+    normalise_background,
+)
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import read_images
 from clcluster.io.star import ParticleTable
-from clcluster.core.config import dataclass_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +249,24 @@ def _sidecar(n, cfg, box_in, apix, work_apix, has_ctf, states, spectrum, xp) -> 
             "whitened": cfg.whiten,
             "noise_spectrum": [float(v) for v in asnumpy(spectrum)] if spectrum is not None else None,
             "batch_size": cfg.batch_size, "array_module": xp.__name__, "dtype": "float16"}
+
+
+# --- command line: `clcluster preprocess` --------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shard", help="shard STAR file")
+    p.add_argument("--out", required=True, help="output .npy (n, box, box) float16")
+    p.add_argument("--box", type=int, help="working box in pixels (default: config preprocess.box)")
+    add_device(p, "auto: CuPy on a GPU if present, else NumPy")
+    add_config(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from clcluster.io.star import read_star
+
+    cfg = run_config(args)
+    pc = PreprocessConfig.from_dict(cfg["preprocess"])
+    if args.box:
+        pc.box = args.box
+    meta = preprocess_table(read_star(args.shard), args.out, pc, args.device or cfg["device"])
+    log.info("wrote %s: %d particles, box %d px, %.3f Å/px", args.out, meta["particles"], meta["box"], meta["apix_A"])
+    return 0

@@ -1,13 +1,16 @@
 """Shards: contiguous subsets of the particle table, as STAR files (no pixel copy)."""
 from __future__ import annotations
 
+import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from clcluster.io.particles import ROW_COLUMN
 from clcluster.io.star import ParticleTable, write_star
 
-ROW_COLUMN = "clclusterInputRow"  # hidden column carrying each particle's 0-based input row
+log = logging.getLogger(__name__)
 
 
 def plan_shards(n: int, size: int) -> list[range]:
@@ -32,3 +35,20 @@ def write_shards(table: ParticleTable, size: int, out_dir) -> list[Path]:
         write_star(p, full.subset(np.arange(r.start, r.stop)))
         out.append(p)
     return out
+
+
+# --- command line: `clcluster shard` -------------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("particles", help="RELION STAR (3.0 or 3.1+) or cryoSPARC .cs")
+    p.add_argument("--size", type=int, required=True, help="particles per shard")
+    p.add_argument("--out-dir", required=True, help="folder for shard_{i}.star")
+    p.add_argument("--root", help="project root that relative stack paths are resolved against first")
+
+
+def main(args: argparse.Namespace) -> int:
+    from clcluster.io import read_particles
+
+    table = read_particles(args.particles, root=args.root or None)
+    paths = write_shards(table, args.size, args.out_dir)
+    log.info("%d particles in %d shards of at most %d", len(table), len(paths), args.size)
+    return 0

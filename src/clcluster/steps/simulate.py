@@ -6,7 +6,9 @@ the variance of the added white Gaussian noise.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -14,13 +16,14 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from clcluster.core.cli_args import add_config, run_config
+from clcluster.core.config import dataclass_from_dict
+from clcluster.core.rng import NOISE_OFFSET, VOLUME_OFFSET
 from clcluster.image.ctf import CTFParams, apply_ctf
 from clcluster.image.imageops import fourier_shift, rotate
 from clcluster.io.atomic import atomic_path
 from clcluster.io.mrc import read_volume, write_stack
 from clcluster.io.star import ParticleTable, write_star
-from clcluster.core.config import dataclass_from_dict
-from clcluster.core.rng import NOISE_OFFSET, VOLUME_OFFSET
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -57,6 +60,8 @@ def procedural_volume(seed: int, box: int = 64, apix: float = 2.5, n_atoms: int 
     np.add.at(vol, (idx[keep, 2], idx[keep, 1], idx[keep, 0]), 1.0)
     return ndimage.gaussian_filter(vol, atom_sigma_A / apix).astype(np.float32)
 
+
+log = logging.getLogger(__name__)
 
 def fit_box(volume: np.ndarray, box: int) -> np.ndarray:
     """Crop or zero-pad a volume (centred) to (box, box, box)."""
@@ -299,3 +304,62 @@ def truth_path(star_path) -> Path:
     """Where `write_simulation` put the truth for a STAR file."""
     p = Path(star_path)
     return p.with_name(re.sub(r"\.star$", "", p.name) + "_truth.csv")
+
+
+# --- command line: `clcluster simulate` ---------------------------------------------------------
+def add_realistic_options(p: argparse.ArgumentParser) -> None:
+    """The realistic mode's command-line options (also `clcluster benchmark --mode realistic`)."""
+    p.add_argument("--particles", type=int, help="realistic mode: picks in the stack (particles and junk)")
+    p.add_argument("--junk-fraction", type=float, help="realistic mode: fraction of junk picks (0-0.4 typical)")
+    p.add_argument("--orientations", choices=["uniform", "preferred"], help="realistic mode: view distribution")
+    p.add_argument("--max-offset-fraction", type=float, help="realistic mode: pick offset radius, fraction of the box")
+
+
+def realistic_overrides(rc: dict, args: argparse.Namespace) -> dict:
+    """simulate.realistic settings with the command line's realistic-mode options applied."""
+    for key in ("particles", "junk_fraction", "orientations", "max_offset_fraction"):
+        if getattr(args, key, None) is not None:
+            rc[key] = getattr(args, key)
+    return rc
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out-dir", required=True, help="output folder")
+    p.add_argument("--name", default="particles", help="file name stem (default: particles)")
+    p.add_argument("--views", type=int, help="viewing directions K per volume")
+    p.add_argument("--images-per-view", type=int, help="images per view")
+    p.add_argument("--snr", type=float, help="signal-to-noise ratio: var(clean CTF image) / var(noise), per image")
+    p.add_argument("--box", type=int, help="box size (pixels)")
+    p.add_argument("--apix", type=float, help="pixel size (Å/px)")
+    p.add_argument("--max-shift-px", type=float, help="random shift uniform in [-max, max] pixels per axis")
+    p.add_argument("--volume", action="append", help="builtin:N or an MRC map (repeat for several)")
+    p.add_argument("--seed", type=int, help="random seed (default: config seed)")
+    p.add_argument("--mode", choices=["grid", "realistic"], help="grid: discrete views, white noise; realistic: "
+                   "continuous views, junk, coloured noise, off-centre picks (default: config simulate.mode)")
+    add_realistic_options(p)
+    add_config(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Writes NAME.star (RELION 3.1), Stacks/NAME_NNN.mrcs and NAME_truth.csv; prints the STAR path."""
+    cfg = run_config(args)
+    sim_cfg = dict(cfg["simulate"])
+    for key in ("views", "images_per_view", "snr", "box", "apix", "max_shift_px"):
+        if getattr(args, key) is not None:
+            sim_cfg[key] = getattr(args, key)
+    if args.volume:
+        sim_cfg["volumes"] = args.volume
+    sim_cfg["seed"] = cfg["seed"] if args.seed is None else args.seed
+    if args.mode:
+        sim_cfg["mode"] = args.mode
+    sim_cfg["realistic"] = realistic_overrides(dict(sim_cfg.get("realistic") or {}), args)
+    sc = SimulationConfig.from_dict(sim_cfg)
+    if sc.mode == "realistic":
+        log.info("simulating a realistic stack of %d picks (%.0f %% junk, %s views), box %d px at %.2f Å/px, SNR %g",
+                 sc.realistic["particles"], 100 * sc.realistic["junk_fraction"], sc.realistic["orientations"],
+                 sc.box, sc.apix, sc.snr)
+    else:
+        log.info("simulating %d volume(s) x %d views x %d images, box %d px at %.2f Å/px, SNR %g",
+                 len(sc.volumes), sc.views, sc.images_per_view, sc.box, sc.apix, sc.snr)
+    print(write_simulation(simulate(sc), sc, args.out_dir, args.name))
+    return 0

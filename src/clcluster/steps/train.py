@@ -6,6 +6,7 @@ the loss curve (CSV + PNG) and a log. Single process, or one rank of a DDP job.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -19,14 +20,15 @@ import numpy as np
 import torch
 
 from clcluster.core import distributed as dist_utils
-from clcluster.learn.augment import AugmentConfig, two_views, two_views_batched
 from clcluster.core.backend import choose_array_module, select_device, to_torch
-from clcluster.learn.data import BatchPlan, ShardSet
-from clcluster.io.atomic import atomic_path, write_text
-from clcluster.learn.losses import nt_xent
-from clcluster.learn.models import ContrastiveModel, build_encoder, convert_sync_batchnorm
+from clcluster.core.cli_args import add_config, add_device, run_config
 from clcluster.core.config import dataclass_from_dict
 from clcluster.core.rng import AUGMENT
+from clcluster.io.atomic import atomic_path, write_text
+from clcluster.learn.augment import AugmentConfig, two_views, two_views_batched
+from clcluster.learn.data import BatchPlan, ShardSet
+from clcluster.learn.losses import nt_xent
+from clcluster.learn.models import ContrastiveModel, build_encoder, convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -321,3 +323,33 @@ def write_loss_curve(out_path: Path, losses) -> None:
     with atomic_path(stem.with_suffix(".png")) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+
+
+# --- command line: `clcluster train` -------------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", nargs="+", required=True, help="preprocessed .npy shards")
+    p.add_argument("--out", required=True, help="encoder file (.pt); loss curve written beside it")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: config train.steps)")
+    add_device(p)
+    add_config(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    """One rank of the training (multi-rank under torchrun or srun); rank 0 alone logs progress."""
+    import json
+
+    cfg = run_config(args)
+    tc = TrainConfig.from_dict(cfg["train"])
+    if args.steps is not None:
+        tc.steps = args.steps
+    rank, _ = dist_utils.init_from_env()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        meta = Path(args.shards[0]).with_suffix(".json")
+        apix = json.loads(meta.read_text())["apix_A"] if meta.exists() else None
+        out = train(args.shards, args.out, tc, seed=cfg["seed"], device=args.device or cfg["device"], apix=apix)
+    finally:
+        dist_utils.shutdown()
+    log.info("trained %d steps, final loss %.4f, %.1f images/s", out["steps"], out["final_loss"], out["images_per_s"])
+    return 0
