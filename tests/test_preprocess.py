@@ -12,8 +12,8 @@ import clcluster.steps.preprocess as pp
 from clcluster.core.backend import gpu_available
 from clcluster.image.imageops import fourier_filter, freq_grid, radius_grid
 from clcluster.io.star import read_star
-from clcluster.steps.preprocess import (PreprocessConfig, preprocess_batch, preprocess_table, radial_noise_spectrum,
-                                  whiten)
+from clcluster.steps.preprocess import (PreprocessConfig, estimate_noise_spectrum, preprocess_batch, preprocess_table,
+                                        radial_noise_spectrum, whiten)
 from clcluster.steps.simulate import SimulationConfig, simulate, write_simulation
 
 
@@ -65,6 +65,23 @@ def test_whitening_flattens_radial_noise_spectrum(xpcall):
     assert np.allclose(after, 1.0, rtol=0.15)
 
 
+def test_background_estimate_leaves_out_a_centred_particle():
+    """Coloured noise plus a strong centred blob (radius ~5 px, inside the 12 px background
+    radius): the whole-image estimate takes the blob's low-frequency power for noise; the
+    background estimate stays within 20 % of the noise-only spectrum in every shell 1..16."""
+    box = 32
+    noise = _coloured_noise(400, box, 2)
+    blob = 4.0 * np.exp(-radius_grid(box) ** 2 / (2 * 3.0 ** 2)).astype(np.float32)
+    truth = radial_noise_spectrum(_coloured_noise(400, box, 3))[1:]
+    cfg = PreprocessConfig(box=box, whiten=True, whiten_estimate="background")
+    bg = estimate_noise_spectrum(noise + blob, cfg)[1:]
+    whole = estimate_noise_spectrum(noise + blob, PreprocessConfig(box=box, whiten=True))[1:]
+    assert np.all(np.abs(bg / truth - 1) < 0.2)
+    assert np.max(whole / truth) > 2.0  # the signal inflates the whole-image estimate
+    with pytest.raises(ValueError, match="whiten_estimate"):
+        estimate_noise_spectrum(noise, PreprocessConfig(whiten_estimate="residual"))
+
+
 @pytest.fixture(scope="module")
 def sim_star(tmp_path_factory):
     """A simulated 3.1 STAR: 384 particles of 128 px at 1.25 Å/px in 4 stacks of 100."""
@@ -110,6 +127,12 @@ def test_preprocess_table_whitening_and_no_ctf(sim_star, tmp_path):
     assert spec.max() / spec.min() < 0.5 * before.max() / before.min()
     bg = out[:, radius_grid(32) > pc.bg_radius()]
     assert np.allclose(bg.mean(1), 0, atol=2e-3) and np.allclose(bg.std(1), 1, atol=5e-3)
+    # the background estimate: the same driver, a spectrum measured outside bg_radius only
+    pb = PreprocessConfig(box=32, batch_size=50, ctf="none", whiten=True, whiten_estimate="background")
+    mb = preprocess_table(table, tmp_path / "b.npy", pb, device="cpu", spectrum_images=100)
+    ref = estimate_noise_spectrum(preprocess_batch(sim.images[:100], None, cfg.apix, pb, mask=False), pb)
+    assert np.allclose(mb["noise_spectrum"], ref, rtol=2e-2)
+    assert not np.allclose(mb["noise_spectrum"], meta["noise_spectrum"], rtol=2e-2)
 
 
 def test_preprocess_table_memory_does_not_grow_with_the_shard(sim_star, tmp_path):

@@ -164,3 +164,23 @@ def test_benchmark_prepare_whitens_as_the_pipeline_does():
     white = radial_noise_spectrum(prepare(noise, ctf, 5.0, PreprocessConfig(box=32, whiten=True)))
     assert plain[2] / plain[14] > 3  # coloured before
     assert 0.6 < white[2] / white[14] < 1.6  # flat after whitening
+
+
+def test_true_working_spectrum_whitens_the_noise_after_preprocessing():
+    """The simulator's spectrum at the working box (the oracle bound of the benchmark's
+    whiten_spectrum="true"): prepare() with it flattens pure coloured noise as well as the
+    estimate from the images does."""
+    from clcluster.bench.benchmark import prepare
+    from clcluster.bench.realistic_benchmark import true_working_spectrum
+    from clcluster.image.ctf import CTFParams
+    from clcluster.steps.preprocess import PreprocessConfig, radial_noise_spectrum
+
+    rc = RealisticConfig()
+    noise = coloured_noise(300, noise_spectrum(64, rc), np.random.default_rng(1))
+    n = len(noise)
+    ctf = CTFParams(np.full(n, 15000.0), np.full(n, 15000.0), np.zeros(n), np.full(n, 300.0), np.full(n, 2.7),
+                    np.full(n, 0.1), np.zeros(n), np.zeros(n))
+    true = true_working_spectrum(64, 32, rc)
+    assert true.shape == (17,) and true[1] > 4 * true[16]
+    white = radial_noise_spectrum(prepare(noise, ctf, 5.0, PreprocessConfig(box=32, whiten=True), spectrum=true))[1:16]
+    assert white.max() / white.min() < 1.3

@@ -62,19 +62,23 @@ def stack_config(spec: str, views: int, images_per_view: int, box: int, seed: in
                             min_separation_deg=30.0 if views <= 12 else 12.0, **volume_setup(spec, ribosome_path))
 
 
-def prepare(images, ctf, apix, pp_cfg, spectrum_images: int = 2000):
+def prepare(images, ctf, apix, pp_cfg, spectrum_images: int = 2000, spectrum=None):
     """The pipeline's preprocessing of a stack (n, D, D) at apix Å/px, as `preprocess_table`
-    does it: with pp_cfg.whiten, the radial power spectrum of the first `spectrum_images`
-    unmasked images, then whitening, background normalisation and the mask."""
+    does it: with pp_cfg.whiten, the radial noise spectrum of the first `spectrum_images`
+    unmasked images (`estimate_noise_spectrum`, pp_cfg.whiten_estimate), or `spectrum`
+    ((box//2+1,) per working-box shell) where given, then whitening, background normalisation
+    and the mask."""
     from clcluster.image.imageops import normalise_background
-    from clcluster.steps.preprocess import apply_mask, preprocess_batch, radial_noise_spectrum, whiten
+    from clcluster.steps.preprocess import apply_mask, estimate_noise_spectrum, preprocess_batch, whiten
 
     x = np.concatenate([preprocess_batch(images[s:s + 512], ctf.subset(np.arange(s, min(len(images), s + 512))), apix, pp_cfg,
                                          mask=not pp_cfg.whiten)
                         for s in range(0, len(images), 512)]).astype(np.float32)
     if pp_cfg.whiten:
         work_apix = apix * images.shape[-1] / pp_cfg.box
-        x = whiten(x, radial_noise_spectrum(x[:spectrum_images]))
+        if spectrum is None:
+            spectrum = estimate_noise_spectrum(x[:spectrum_images], pp_cfg, work_apix)
+        x = whiten(x, spectrum)
         x = apply_mask(normalise_background(x, pp_cfg.bg_radius(work_apix)), pp_cfg).astype(np.float32)
     return x
 

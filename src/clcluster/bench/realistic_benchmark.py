@@ -47,6 +47,9 @@ class RealisticBenchmarkConfig:
     template_directions: int = 300
     template_max_shift_px: int = 4
     fidelity_max_shift_px: int = 2
+    # whitening (with run_cfg preprocess.whiten): "estimate" = the pipeline's estimate
+    # (preprocess.whiten_estimate); "true" = the simulator's noise spectrum (an oracle bound)
+    whiten_spectrum: str = "estimate"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +187,15 @@ def reference_sets(projector, box: int, work_box: int, bc: RealisticBenchmarkCon
     return fid.astype(np.float32), tm.astype(np.float32), tm_dirs
 
 
+def true_working_spectrum(box: int, work_box: int, rc):
+    """The simulator's noise power per radial shell of the working box, (work_box//2+1,): the
+    Fourier crop keeps the input's low frequencies with their integer indices, phase flipping
+    does not change the noise power and the background normalisation only scales it."""
+    from clcluster.sim.realistic import noise_spectrum, radial_profile
+
+    return radial_profile(noise_spectrum(box, rc))[: work_box // 2 + 1]
+
+
 def run_realistic_benchmark(bc: RealisticBenchmarkConfig, run_cfg: dict, out_dir, sim_cfg) -> pd.DataFrame:
     """Simulate one realistic stack (clean once, noise per SNR), run and score every method;
     write results.csv and results.md into out_dir. sim_cfg: a SimulationConfig in mode realistic."""
@@ -208,7 +220,8 @@ def run_realistic_benchmark(bc: RealisticBenchmarkConfig, run_cfg: dict, out_dir
     rows = []
     for snr in bc.snrs:
         noisy, _ = add_coloured_noise(clean, good, snr, rc, sim_cfg.seed)
-        images = prepare(noisy, ctf, sim_cfg.apix, pp)
+        spectrum = true_working_spectrum(sim_cfg.box, pp.box, rc) if bc.whiten_spectrum == "true" else None
+        images = prepare(noisy, ctf, sim_cfg.apix, pp, spectrum=spectrum)
         plain = prepare(noisy, ctf, sim_cfg.apix, dataclasses.replace(pp, whiten=False)) if pp.whiten else None
         ctx = {"images": images, "average_images": plain, "k": bc.classes, "good": good, "dirs": dirs, "kinds": kinds, "apix": apix,
                "export_cfg": run_cfg.get("export", {}), "seed": bc.seed, "coherence": coherence,

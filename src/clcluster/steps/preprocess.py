@@ -52,6 +52,7 @@ class PreprocessConfig:
     lowpass_A: float = 0.0
     mask_radius_px: float = -1
     whiten: bool = False
+    whiten_estimate: str = "images"  # images | background: where the noise spectrum is measured
     batch_size: int = 512
 
     @classmethod
@@ -128,6 +129,42 @@ def radial_noise_spectrum(images):
     return s / xp.maximum(c, 1)
 
 
+def background_window(box: int, radius: float, xp=np):
+    """(box, box) float32 window that keeps the background: 0 inside `radius` px, rising over a
+    3 px raised-cosine edge to 1 outside (the complement of `circular_mask`)."""
+    return (1.0 - circular_mask(box, radius, soft_edge=3.0, xp=xp)).astype(xp.float32)
+
+
+def background_power_sums(images, radius: float):
+    """`radial_power_sums` of the images' background only: each image (n, box, box) times
+    `background_window(box, radius)`, the power divided by the window's mean square (so that
+    white noise of variance v gives v per shell, as `radial_power_sums` of the whole image
+    does). The particle (inside `radius` px) is left out, so the sums estimate the noise power
+    per shell rather than noise plus signal; the window's own spectrum blurs them by about
+    box / (2 pi (box / 2 - radius)) shells. -> (sums, counts), (box//2+1,) float64 each."""
+    xp = get_array_module(images)
+    win = background_window(images.shape[-1], radius, xp)
+    s, c = radial_power_sums(images * win)
+    return s / float((win.astype(xp.float64) ** 2).mean()), c
+
+
+def estimate_noise_spectrum(images, cfg: PreprocessConfig, apix: float | None = None):
+    """Radial noise power spectrum (box//2+1,) of preprocessed, unmasked images (n, box, box):
+    cfg.whiten_estimate "images": the whole images' power (noise plus the particles' signal);
+    "background": the power outside cfg.bg_radius(apix) working px (`background_power_sums`)."""
+    xp = get_array_module(images)
+    s, c = _spectrum_sums(images, cfg, apix)
+    return s / xp.maximum(c, 1)
+
+
+def _spectrum_sums(images, cfg: PreprocessConfig, apix: float | None):
+    if cfg.whiten_estimate == "background":
+        return background_power_sums(images, cfg.bg_radius(apix))
+    if cfg.whiten_estimate == "images":
+        return radial_power_sums(images)
+    raise ValueError(f"preprocess.whiten_estimate must be images or background, not {cfg.whiten_estimate!r}")
+
+
 def whiten(images, spectrum):
     """Divide each image's Fourier transform by sqrt of the radial noise spectrum (the mean is
     set to 0); renormalise afterwards. `spectrum` (box//2+1,) may be NumPy or CuPy; the filter is
@@ -183,7 +220,7 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
                                  mask=not cfg.whiten, states=states[rows])
             del raw
             if cfg.whiten and s < spectrum_images:
-                ps, pc = radial_power_sums(x[: max(0, spectrum_images - s)])
+                ps, pc = _spectrum_sums(x[: max(0, spectrum_images - s)], cfg, apix * box_in / cfg.box)
                 spec_sum, spec_count = (ps, pc) if spec_sum is None else (spec_sum + ps, spec_count + pc)
             out[rows] = asnumpy(x).astype(np.float16)
             del x
