@@ -3,6 +3,7 @@ re-centring, a soft mask on the running averages. Tiny synthetic data, fixed see
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from clcluster.em.averages import FilteredImages, _shells, aligned_means, recentre, refine_class_poses, whitening_filter
 from clcluster.image.imageops import fourier_shift, gaussian_lowpass, rotate
@@ -79,3 +80,18 @@ def test_whitened_centred_alignment_finds_an_asymmetric_class_under_coloured_noi
     assert opts.angle_deg.shape == (n,) and opts.shift_px.shape == (n, 2) and len(opts.history) == 6
     assert f_opts > 0.92  # measured 0.956
     assert f_opts > f_plain + 0.04  # plain alignment: 0.881
+
+
+def test_several_starts_keep_each_class_best_run():
+    rng = np.random.default_rng(2)
+    images = coloured_noise(60, rng)
+    labels = np.repeat([0, 1], 30)
+    kw = dict(iterations=2, max_shift_px=2, whiten=True, centre=True, mask_radius=0.4)
+    single = [refine_class_poses(images, labels, 2, seed=s, **kw) for s in (5, 6, 7)]
+    multi = refine_class_poses(images, labels, 2, seed=5, starts=3, **kw)
+    for j in (0, 1):
+        rows = labels == j
+        best = max(float(cp.score[rows].mean()) for cp in single)
+        assert float(multi.score[rows].mean()) == pytest.approx(best, abs=1e-6)
+        run = int(np.argmax([float(cp.score[rows].mean()) for cp in single]))
+        assert np.allclose(multi.angle_deg[rows], single[run].angle_deg[rows])

@@ -117,7 +117,7 @@ def recentre(refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, iterations: int = 4,
                        n_angles: int = 128, max_shift_px: int = 2, device: str = "cpu", batch_size: int = 512,
                        seed: int = 0, cache_mb: float = 1000, whiten: bool = False, centre: bool = False,
-                       mask_radius: float = 0.0) -> ClassPoses:
+                       mask_radius: float = 0.0, starts: int = 1) -> ClassPoses:
     """Reference-free alignment of every particle to its own class's running average.
 
     Starts from the given pose (average of the particles brought into their frames) or, without
@@ -134,8 +134,21 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     not dominate the correlation; the poses apply to the unfiltered images); `centre` shifts each
     average so that its centre of mass lies at the box centre (`recentre`), so that a class does
     not drift off-centre; `mask_radius` > 0 multiplies each average by a soft circular mask of
-    that radius (fraction of the box; raised-cosine edge 0.1 box wide outside it)."""
+    that radius (fraction of the box; raised-cosine edge 0.1 box wide outside it). `starts` > 1
+    (without a given pose): that many runs from differently perturbed rotational averages (seeds
+    seed, seed+1, ...); each class keeps the run whose mean NCC over its members is highest
+    (`history` is then that of the first run)."""
     labels = np.asarray(labels, dtype=np.int64)
+    if starts > 1 and angle_deg is None:
+        runs = [refine_class_poses(images, labels, k, None, None, iterations, n_angles, max_shift_px, device, batch_size,
+                                   seed + r, cache_mb, whiten, centre, mask_radius) for r in range(starts)]
+        counts = np.maximum(np.bincount(labels, minlength=k), 1)
+        mean_score = np.stack([np.bincount(labels, weights=cp.score, minlength=k) / counts for cp in runs])
+        pick = mean_score.argmax(axis=0)[labels]  # (n,) run kept for each particle's class
+        rows = np.arange(len(labels))
+        return ClassPoses(np.stack([cp.angle_deg for cp in runs])[pick, rows],
+                          np.stack([cp.shift_px for cp in runs])[pick, rows],
+                          np.stack([cp.score for cp in runs])[pick, rows], runs[0].history)
     box = images.shape[-1]
     cartesian = whiten or centre or mask_radius > 0
     if whiten:

@@ -66,6 +66,7 @@ class ExportConfig:
     align_whiten: bool = False
     align_centre: bool = False
     align_mask_radius: float = 0.0
+    align_starts: int = 1
     start_from_cluster_pose: bool = True
     average_box: str = "input"  # input | working
     wiener_snr: float = 1.0
@@ -299,7 +300,8 @@ def class_poses(images, labels, k: int, assignments: dict, work_apix: float, cfg
                             iterations=cfg.align_iterations, n_angles=cfg.align_angles,
                             max_shift_px=cfg.align_max_shift_px, device=device, seed=seed,
                             batch_size=cfg.batch_size, cache_mb=cfg.cache_mb, whiten=cfg.align_whiten,
-                            centre=cfg.align_centre, mask_radius=cfg.align_mask_radius)
+                            centre=cfg.align_centre, mask_radius=cfg.align_mask_radius,
+                            starts=cfg.align_starts)
     return Poses(cp.angle_deg, cp.shift_px, work_apix, cp.score, cp.history)
 
 
