@@ -120,7 +120,7 @@ def test_columns_relion_needs_for_reconstruction_with_units(run):
     assert p["rlnDefocusU"].between(5000, 50000).all()  # Å
     assert p["rlnAnglePsi"].between(-180, 180).all()  # degrees
     assert pd.api.types.is_integer_dtype(p["rlnClassNumber"]) and set(p["rlnClassNumber"]) <= set(range(1, K + 1))
-    max_A = (2 * np.sqrt(2) + 1e-6) * run["work_apix"]  # search radius 2 working px
+    max_A = (ExportConfig().align_max_shift_px * np.sqrt(2) + 1e-6) * run["work_apix"]  # search radius 2 working px
     assert (np.hypot(p["rlnOriginXAngst"], p["rlnOriginYAngst"]) <= max_A).all()  # Å, not px
     assert np.abs(p["rlnOriginXAngst"]).max() > 1.0
 

@@ -69,7 +69,8 @@ def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_
         angle_deg = shift_px = None
     poses = refine_class_poses(images, labels, k, angle_deg, shift_px, iterations=ec.align_iterations, n_angles=ec.align_angles,
                                max_shift_px=ec.align_max_shift_px, seed=seed, batch_size=ec.batch_size,
-                               cache_mb=ec.cache_mb)
+                               cache_mb=ec.cache_mb, whiten=ec.align_whiten, centre=ec.align_centre,
+                               mask_radius=ec.align_mask_radius, starts=ec.align_starts)
     src = images if average_images is None else average_images
     avgs = aligned_means(src, labels, k, poses.angle_deg, poses.shift_px)
     halves = split_halves(labels, seed)

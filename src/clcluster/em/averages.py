@@ -25,7 +25,7 @@ import torch
 
 from clcluster.em.align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
 from clcluster.image.ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
-from clcluster.image.imageops import circular_mask, normalise_background
+from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background
 from clcluster.io.mrc import read_images
 from clcluster.core.rng import HALF_SETS_OFFSET
 
@@ -56,9 +56,68 @@ class ClassPoses:
     history: list  # mean NCC per iteration
 
 
+# images whose radial power spectrum estimates the noise spectrum for `whiten` (at low SNR the
+# spectrum of the images is mostly that of the noise)
+SPECTRUM_IMAGES = 2000
+
+
+def _shells(box: int) -> np.ndarray:
+    """Integer radial shell (0 … box//2) of every rFFT coefficient of a (box, box) image."""
+    fy = np.fft.fftfreq(box)[:, None]
+    fx = np.fft.rfftfreq(box)[None, :]
+    return np.minimum(np.rint(np.sqrt(fx ** 2 + fy ** 2) * box).astype(np.int64), box // 2)
+
+
+def whitening_filter(images, n_images: int = SPECTRUM_IMAGES, batch: int = 1024) -> np.ndarray:
+    """rFFT filter (box, box//2+1) float32 that whitens images (n, box, box): 1/sqrt of the radial
+    power spectrum of the first n_images (mostly noise at low SNR), normalised to mean 1 over the
+    coefficients, DC set to 0."""
+    box = images.shape[-1]
+    shell = _shells(box)
+    sums = np.zeros(box // 2 + 1)
+    count = 0
+    for s in range(0, min(len(images), n_images), batch):
+        x = np.asarray(images[s:min(s + batch, n_images)], dtype=np.float32)
+        sums += np.bincount(shell.ravel(), weights=(np.abs(np.fft.rfft2(x)) ** 2).sum(0).ravel(), minlength=box // 2 + 1)
+        count += len(x)
+    spec = sums / np.maximum(np.bincount(shell.ravel(), minlength=box // 2 + 1) * max(count, 1), 1)
+    filt = 1.0 / np.sqrt(np.maximum(spec[shell], 1e-12 * spec.max()))
+    filt[0, 0] = 0.0
+    return (filt / filt.mean()).astype(np.float32)
+
+
+class FilteredImages:
+    """Read-only view of images (n, D, D) (array-like) with a Fourier filter (D, D//2+1) applied
+    slice by slice, so that memory stays one slice."""
+
+    def __init__(self, images, filt: np.ndarray):
+        self.images, self.filt = images, filt
+        self.shape = tuple(images.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        x = np.asarray(self.images[rows], dtype=np.float32)
+        return np.fft.irfft2(np.fft.rfft2(x) * self.filt, s=x.shape[-2:]).astype(np.float32)
+
+
+def recentre(refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each image (k, D, D) shifted so that the centre of mass of its part above its median lies
+    at the box centre (D//2, D//2). -> (recentred images, shifts applied (k, 2) px (dx, dy))."""
+    box = refs.shape[-1]
+    y, x = np.mgrid[:box, :box] - box // 2
+    p = np.clip(refs - np.median(refs, axis=(-2, -1), keepdims=True), 0, None)
+    m = p.sum(axis=(-2, -1)) + 1e-12
+    c = np.stack([(p * x).sum(axis=(-2, -1)) / m, (p * y).sum(axis=(-2, -1)) / m], axis=-1)
+    c = np.clip(c, -box / 4, box / 4)
+    return fourier_shift(refs, -c).astype(np.float32), -c
+
+
 def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, iterations: int = 4,
                        n_angles: int = 128, max_shift_px: int = 2, device: str = "cpu", batch_size: int = 512,
-                       seed: int = 0, cache_mb: float = 1000) -> ClassPoses:
+                       seed: int = 0, cache_mb: float = 1000, whiten: bool = False, centre: bool = False,
+                       mask_radius: float = 0.0, starts: int = 1) -> ClassPoses:
     """Reference-free alignment of every particle to its own class's running average.
 
     Starts from the given pose (average of the particles brought into their frames) or, without
@@ -67,15 +126,48 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     n_angles rotations and integer shifts within max_shift_px against its class average (one FFT
     along the polar angle, `align.align_all` with the class as the only candidate), then rebuilds
     the averages from the aligned particles. The particles' polar transforms are kept in memory
-    up to cache_mb MB, else recomputed each iteration (memory: one batch)."""
+    up to cache_mb MB, else recomputed each iteration (memory: one batch).
+
+    Options (off by default; each rebuilds the averages as Cartesian images of the aligned
+    particles every iteration): `whiten` aligns images divided by the square root of their radial
+    power spectrum (`whitening_filter`: at low SNR the noise's, so that low-frequency noise does
+    not dominate the correlation; the poses apply to the unfiltered images); `centre` shifts each
+    average so that its centre of mass lies at the box centre (`recentre`), so that a class does
+    not drift off-centre; `mask_radius` > 0 multiplies each average by a soft circular mask of
+    that radius (fraction of the box; raised-cosine edge 0.1 box wide outside it). `starts` > 1
+    (without a given pose): that many runs from differently perturbed rotational averages (seeds
+    seed, seed+1, ...); each class keeps the run whose mean NCC over its members is highest
+    (`history` is then that of the first run)."""
     labels = np.asarray(labels, dtype=np.int64)
+    if starts > 1 and angle_deg is None:
+        runs = [refine_class_poses(images, labels, k, None, None, iterations, n_angles, max_shift_px, device, batch_size,
+                                   seed + r, cache_mb, whiten, centre, mask_radius) for r in range(starts)]
+        counts = np.maximum(np.bincount(labels, minlength=k), 1)
+        mean_score = np.stack([np.bincount(labels, weights=cp.score, minlength=k) / counts for cp in runs])
+        pick = mean_score.argmax(axis=0)[labels]  # (n,) run kept for each particle's class
+        rows = np.arange(len(labels))
+        return ClassPoses(np.stack([cp.angle_deg for cp in runs])[pick, rows],
+                          np.stack([cp.shift_px for cp in runs])[pick, rows],
+                          np.stack([cp.score for cp in runs])[pick, rows], runs[0].history)
     box = images.shape[-1]
+    cartesian = whiten or centre or mask_radius > 0
+    if whiten:
+        images = FilteredImages(images, whitening_filter(images))
     pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
     cache = PolarCache(images, pg, device=device, batch_size=batch_size, max_bytes=cache_mb * 1e6)
-    centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
+    centre_offset = int(np.argmin(np.abs(pg.offsets).sum(1)))
+    mask = circular_mask(box, mask_radius * box, soft_edge=0.1 * box) if mask_radius > 0 else None
+
+    def polar_refs(a, s):
+        means = aligned_means(images, labels, k, a, s, batch_size)
+        if centre:
+            means, _ = recentre(means)
+        if mask is not None:
+            means = means * mask
+        return polar_transform(torch.as_tensor(means, device=cache.device), pg, cache.grid)[:, centre_offset]
+
     if angle_deg is not None:
-        means = aligned_means(images, labels, k, angle_deg, shift_px, batch_size)
-        refs = polar_transform(torch.as_tensor(means, device=cache.device), pg, cache.grid)[:, centre]
+        refs = polar_refs(angle_deg, shift_px)
     else:
         refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, n_angles).clone()
         g = torch.Generator().manual_seed(seed)
@@ -84,10 +176,10 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     history = []
     res = None
     for it in range(max(1, iterations)):
-        res, new_refs, _ = align_all(cache, refs, candidates)
+        res, new_refs, _ = align_all(cache, refs, candidates, accumulate=not cartesian)
         history.append(float(res.score.mean()))
         log.info("class-average alignment iteration %d: mean NCC with own class %.4f", it + 1, history[-1])
-        refs = new_refs
+        refs = polar_refs(res.angle_deg, res.shift_px) if cartesian and it + 1 < iterations else new_refs
     return ClassPoses(res.angle_deg.astype(np.float64), res.shift_px.astype(np.float64), res.score, history)
 
 

@@ -58,6 +58,10 @@ class ExportConfig:
     align_iterations: int = 4
     align_angles: int = 128
     align_max_shift_px: int = 2
+    align_whiten: bool = False
+    align_centre: bool = False
+    align_mask_radius: float = 0.0
+    align_starts: int = 1
     start_from_cluster_pose: bool = True
     average_box: str = "input"  # input | working
     wiener_snr: float = 1.0
@@ -290,7 +294,9 @@ def class_poses(images, labels, k: int, assignments: dict, work_apix: float, cfg
     cp = refine_class_poses(images, labels, k, start, assignments.get("shift_px") if start is not None else None,
                             iterations=cfg.align_iterations, n_angles=cfg.align_angles,
                             max_shift_px=cfg.align_max_shift_px, device=device, seed=seed,
-                            batch_size=cfg.batch_size, cache_mb=cfg.cache_mb)
+                            batch_size=cfg.batch_size, cache_mb=cfg.cache_mb, whiten=cfg.align_whiten,
+                            centre=cfg.align_centre, mask_radius=cfg.align_mask_radius,
+                            starts=cfg.align_starts)
     return Poses(cp.angle_deg, cp.shift_px, work_apix, cp.score, cp.history)
 
 
