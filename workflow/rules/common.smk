@@ -14,12 +14,13 @@ validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 R = config["results"].rstrip("/")
 SIMULATED = config["particles"] == ""
-# The conda environment of every shell rule (with --software-deployment-method conda):
-# envs/cpu.yaml or envs/gpu.yaml as config conda_env says. Their post-deploy scripts install
-# the package from CLCLUSTER_SOURCE: the repository this file is in (two folders up), whatever
-# the working directory or the main Snakefile.
+# With --software-deployment-method conda, the shell rules run in envs/cpu.yaml or envs/gpu.yaml,
+# as config conda_env says. Their post-deploy scripts install the package from the folder named
+# by the environment variable CLCLUSTER_SOURCE, set here to the repository this file is in (two
+# folders up), whatever the working directory or the main Snakefile. (Set with update() because
+# the variable is the workflow's own, not one the user must provide.)
 ENV = f"../../envs/{config['conda_env']}.yaml"
-os.environ["CLCLUSTER_SOURCE"] = str(Path(str(workflow.current_basedir)).resolve().parents[1])
+os.environ.update(CLCLUSTER_SOURCE=str(Path(str(workflow.current_basedir)).resolve().parents[1]))
 
 
 wildcard_constraints:
