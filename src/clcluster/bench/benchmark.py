@@ -190,12 +190,16 @@ def run_benchmark(bc: BenchmarkConfig, run_cfg: dict, out_dir, ribosome_path: st
     return df
 
 
-def write_results(df: pd.DataFrame, out_dir: Path) -> None:
+def write_results(df: pd.DataFrame, out_dir: Path, markdown=None, with_plot: bool = True) -> None:
+    """results.csv, results.md (tables by `markdown`, default the grid's) and, with_plot, the
+    accuracy-vs-SNR plot into out_dir; each file written atomically."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "results.csv") as tmp:
         df.to_csv(tmp, index=False)
-    write_text(out_dir / "results.md", markdown_tables(df))
-    plot(df, out_dir / "accuracy_vs_snr.png")
+    write_text(out_dir / "results.md", (markdown or markdown_tables)(df))
+    if with_plot:
+        plot(df, out_dir / "accuracy_vs_snr.png")
 
 
 def markdown_tables(df: pd.DataFrame) -> str:

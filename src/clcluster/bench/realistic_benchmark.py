@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clcluster.io.atomic import atomic_path, write_text
 from clcluster.bench.realistic_scores import (best_correlations, coherence_references, fibonacci_directions, good_class_weights,
                                median_view_angle, selection_scores, view_score, weighted_fidelity)
 
@@ -246,10 +245,10 @@ def run_realistic_benchmark(bc: RealisticBenchmarkConfig, run_cfg: dict, out_dir
 
 
 def write_realistic_results(df: pd.DataFrame, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "results.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    write_text(out_dir / "results.md", realistic_markdown(df))
+    """results.csv and results.md (one table per SNR) into out_dir."""
+    from clcluster.bench.benchmark import write_results
+
+    write_results(df, out_dir, realistic_markdown, with_plot=False)
 
 
 def realistic_markdown(df: pd.DataFrame) -> str:
