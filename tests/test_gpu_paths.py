@@ -82,7 +82,7 @@ def test_no_module_chooses_a_gpu_by_itself():
             if re.search(pattern, text):
                 offenders.append(f"{path.name}: {pattern}")
     assert not offenders, offenders
-    for name in ("steps/train.py", "steps/embed.py", "steps/cluster.py", "cli.py"):
+    for name in ("steps/train.py", "steps/embed.py", "steps/cluster.py", "steps/export.py"):
         assert "select_device(" in (REPO / "src/clcluster" / name).read_text(), name
 
 
