@@ -116,7 +116,8 @@ def euler_from_direction(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rotation_matrices(rot, tilt, psi) -> np.ndarray:
-    """(n, 3, 3) RELION ZYZ Euler matrices from angles in degrees (see simulate.euler_to_matrix)."""
+    """(n, 3, 3) RELION/Xmipp ZYZ Euler matrices (Euler_angles2matrix) from angles (n,) in degrees;
+    (3, 3) for scalar angles."""
     a, b, g = (np.deg2rad(np.asarray(x, dtype=np.float64)) for x in (rot, tilt, psi))
     ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
     cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa

@@ -24,6 +24,7 @@ from clcluster.image.imageops import fourier_shift, rotate
 from clcluster.io.atomic import atomic_path
 from clcluster.io.mrc import read_volume, write_stack
 from clcluster.io.star import ParticleTable, write_star
+from clcluster.sim.realistic import rotation_matrices
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -92,13 +93,9 @@ def load_volume(spec: str, box: int, apix: float, volume_apix: float | None = No
 # ---------------------------------------------------------------------------------------------
 # views
 def euler_to_matrix(rot, tilt, psi) -> np.ndarray:
-    """RELION/Xmipp ZYZ Euler angles (degrees) to a 3x3 rotation matrix (Euler_angles2matrix)."""
-    a, b, g = np.deg2rad([rot, tilt, psi])
-    ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
-    cc, cs, sc, ss = cb * ca, cb * sa, sb * ca, sb * sa
-    return np.array([[cg * cc - sg * sa, cg * cs + sg * ca, -cg * sb],
-                     [-sg * cc - cg * sa, -sg * cs + cg * ca, sg * sb],
-                     [sc, ss, cb]])
+    """RELION/Xmipp ZYZ Euler angles (degrees) to a 3x3 rotation matrix (Euler_angles2matrix);
+    the scalar case of `sim.realistic.rotation_matrices`."""
+    return rotation_matrices(rot, tilt, psi)
 
 
 def view_directions(k: int, min_separation_deg: float, seed: int) -> np.ndarray:
