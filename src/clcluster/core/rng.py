@@ -14,6 +14,7 @@ AUGMENT = 3  # [seed, AUGMENT, step, block]: augmentation of the training batche
 KMEANS_SAMPLE = 3  # [seed, KMEANS_SAMPLE]: mini-batch K-means sample and streaming order (2 entries: never equals AUGMENT's 4)
 REFINE_SUBSET = 4  # [seed, REFINE_SUBSET]: the particles the refinement runs on
 POLISH = 5  # [seed, POLISH]: re-seeding empty classes when the ML2D stage is polished
+REALISTIC = 18  # [seed, REALISTIC]: the realistic simulator's draws; [seed, NOISE_OFFSET, REALISTIC]: its noise
 RESTARTS = 6  # [seed, RESTARTS, r]: random partitions of restarts from the third on (see restart_key)
 
 # Integer offsets and fixed seeds: default_rng(seed + OFFSET), torch.Generator().manual_seed(seed + OFFSET).

@@ -25,6 +25,7 @@ import pandas as pd
 from scipy import ndimage
 
 from clcluster.core.config import dataclass_from_dict
+from clcluster.core.rng import NOISE_OFFSET, REALISTIC
 from clcluster.image.ctf import CTFParams, apply_ctf
 from clcluster.image.imageops import fourier_shift
 
@@ -285,7 +286,7 @@ def simulate_realistic_clean(sc, rc: RealisticConfig, vol: np.ndarray, batch: in
     """Clean CTF images (n, box, box) and the truth of a realistic stack of the volume `vol`
     (box^3, at sc.apix Å/voxel); `sc` is the SimulationConfig (box, apix, CTF ranges, seed).
     -> (clean, ctf as written to the STAR (B-factor 0), truth DataFrame, projector)."""
-    rng = np.random.default_rng([sc.seed, 18])
+    rng = np.random.default_rng([sc.seed, REALISTIC])
     proj = FourierProjector(vol)
     n = rc.particles
     kinds = draw_kinds(n, rc, rng)
@@ -322,7 +323,7 @@ def simulate_realistic_clean(sc, rc: RealisticConfig, vol: np.ndarray, batch: in
 def add_coloured_noise(clean: np.ndarray, good: np.ndarray, snr: float, rc: RealisticConfig, seed: int):
     """(noisy images, noise sigma): one noise level for the stack, pixel variance =
     mean var(clean good particle) / snr, radial spectrum `noise_spectrum`."""
-    rng = np.random.default_rng([seed, 7919, 18])
+    rng = np.random.default_rng([seed, NOISE_OFFSET, REALISTIC])
     signal = float(clean[good].var(axis=(1, 2)).mean()) if good.any() else float(clean.var())
     sigma = np.sqrt(signal / snr)
     spec = noise_spectrum(clean.shape[-1], rc)
