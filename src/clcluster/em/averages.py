@@ -183,6 +183,48 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     return ClassPoses(res.angle_deg.astype(np.float64), res.shift_px.astype(np.float64), res.score, history)
 
 
+@dataclasses.dataclass
+class Rescue:
+    kept: np.ndarray  # (n,) bool: in a selected class, or rescued from a junk-suggested one
+    matched_class: np.ndarray  # (n,) 0-based selected class each particle matches best (-1: not compared)
+    score: np.ndarray  # (n,) NCC with that class's average (NaN: not compared)
+    threshold: float  # NCC a rescued particle reached at least
+
+
+def rescue_particles(images, labels: np.ndarray, selected: np.ndarray, angle_deg, shift_px, quantile: float,
+                     n_angles: int = 128, max_shift_px: int = 2, device: str = "cpu", batch_size: int = 512,
+                     cache_mb: float = 1000) -> Rescue:
+    """Particles of junk-suggested classes that look like a selected class.
+
+    A junk class collects what fits no view (empty ice, carbon edges, blobs) but also good
+    particles that fitted no class well. Every particle (n, D, D working box) is aligned (all
+    n_angles rotations, integer shifts within max_shift_px) to the aligned means of the selected
+    classes (selected (K,) bool; poses angle_deg (n,) degrees, shift_px (n, 2) px in the class
+    frame); a particle of a junk class is rescued when its best NCC reaches the `quantile` of the
+    selected classes' own members' best NCC (so at most about that fraction of the kept members
+    would fail the same test). quantile <= 0, no selected class or no junk class: nothing rescued."""
+    labels = np.asarray(labels, dtype=np.int64)
+    selected = np.asarray(selected, dtype=bool)
+    member = selected[labels]
+    n = len(labels)
+    none = Rescue(member.copy(), np.full(n, -1), np.full(n, np.nan), float("nan"))
+    if quantile <= 0 or not selected.any() or member.all():
+        return none
+    box = images.shape[-1]
+    sel = np.flatnonzero(selected)
+    means = aligned_means(images, labels, len(selected), angle_deg, shift_px, batch_size)[sel]
+    pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
+    cache = PolarCache(images, pg, device=device, batch_size=batch_size, max_bytes=cache_mb * 1e6)
+    centre_offset = int(np.argmin(np.abs(pg.offsets).sum(1)))
+    refs = polar_transform(torch.as_tensor(means, device=cache.device), pg, cache.grid)[:, centre_offset]
+    res, _, _ = align_all(cache, refs, None, accumulate=False)
+    threshold = float(np.quantile(res.score[member], quantile))
+    kept = member | (res.score >= threshold)
+    log.info("rescued %d of %d particles of junk-suggested classes (NCC with a selected class >= %.4f, the %g "
+             "quantile of the selected members')", int((kept & ~member).sum()), int((~member).sum()), threshold, quantile)
+    return Rescue(kept, sel[res.labels], res.score.astype(np.float64), threshold)
+
+
 def relion_pose(angle_deg, shift_px, apix_A: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rlnAnglePsi [deg, in (-180, 180]], rlnOriginXAngst, rlnOriginYAngst) of poses (a, s)
     whose shifts are px at apix_A Å/px.
@@ -338,14 +380,40 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 # ---- quality and ranking -----------------------------------------------------------------------------
+# robust z-scores need a spread: at least this many non-empty classes, and a MAD floor (in NCC units)
+MIN_CLASSES_FOR_COHERENCE = 5
+MIN_NCC_SPREAD = 1e-3
+
+
+def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Robust z-score (K,) of each class's mean particle-to-average NCC against the other classes:
+    (mean_ncc - median) / (1.4826 MAD) over the non-empty classes (NaN for empty classes, and for
+    all when fewer than MIN_CLASSES_FOR_COHERENCE classes have members). A class far below the
+    others holds particles that do not resemble their own average: junk gathered in a catch-all
+    class (empty ice, carbon edges, blobs), which a half-set FRC ranks high because both halves
+    are aligned to the same average."""
+    m = np.asarray(mean_ncc, dtype=np.float64)
+    ok = (np.asarray(counts) > 0) & np.isfinite(m)
+    z = np.full(len(m), np.nan)
+    if ok.sum() < MIN_CLASSES_FOR_COHERENCE:
+        return z
+    med = np.median(m[ok])
+    spread = max(1.4826 * np.median(np.abs(m[ok] - med)), MIN_NCC_SPREAD)
+    z[ok] = (m[ok] - med) / spread
+    return z
+
+
 def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance=None, margin=None, score=None,
-                  junk_resolution_A: float = 25.0, min_class_fraction: float = 0.01, select=None) -> pd.DataFrame:
+                  junk_resolution_A: float = 0.0, min_class_fraction: float = 0.01, select=None,
+                  min_coherence_z: float | None = None) -> pd.DataFrame:
     """One row per class (1-based `class`): size, fraction, resolution (Å), mean particle-to-
     centroid distance and margin, mean NCC with the average; `rank` (1 = best: finest
-    resolution, then largest), automatic `suggestion` (junk when coarser than
-    junk_resolution_A or smaller than min_class_fraction of the particles, else good) and
+    resolution, then largest), automatic `suggestion` (junk when smaller than
+    min_class_fraction of the particles or, with junk_resolution_A > 0, coarser than that;
+    else good) and
     `selected` (the user's list `select` when given, else the suggestion; never empty: the best
-    ranked class is kept when nothing else is)."""
+    ranked class is kept when nothing else is). `coherence_z`: `coherence_z` of the mean NCC; with
+    `min_coherence_z` (a number, e.g. -3) classes below it are also suggested as junk."""
     labels = np.asarray(labels)
     n = max(len(labels), 1)
     counts = np.bincount(labels, minlength=k)
@@ -367,7 +435,12 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     rank = np.empty(k, np.int64)
     rank[order] = np.arange(1, k + 1)
     q["rank"] = rank
-    junk = (q["resolution_A"].fillna(np.inf) > junk_resolution_A) | (q["fraction"] < min_class_fraction) | (counts == 0)
+    q["coherence_z"] = coherence_z(q["mean_ncc"].to_numpy(), counts)
+    junk = (q["fraction"] < min_class_fraction) | (counts == 0)
+    if junk_resolution_A > 0:
+        junk |= q["resolution_A"].fillna(np.inf) > junk_resolution_A
+    if min_coherence_z is not None:
+        junk |= q["coherence_z"].fillna(np.inf).to_numpy() < min_coherence_z
     q["suggestion"] = np.where(junk, "junk", "good")
     if select:
         bad = [c for c in select if not 1 <= int(c) <= k]
@@ -378,7 +451,8 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
         q["selected"] = ~junk
     if not q["selected"].any() and counts.any():
         best = int(order[0])
-        log.warning("no class passes the automatic selection (resolution <= %g Å, fraction >= %g); keeping the "
-                    "best-ranked class %d only", junk_resolution_A, min_class_fraction, best + 1)
+        log.warning("no class passes the automatic selection (fraction >= %g, resolution <= %g Å where > 0, coherence "
+                    "z >= %s); keeping the best-ranked class %d only", min_class_fraction, junk_resolution_A,
+                    min_coherence_z, best + 1)
         q.loc[best, "selected"] = True
     return q

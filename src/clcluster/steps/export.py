@@ -31,6 +31,7 @@ from clcluster.em.averages import (
     half_set_resolution,
     refine_class_poses,
     relion_pose,
+    rescue_particles,
     split_halves,
     wiener_class_averages,
 )
@@ -66,8 +67,10 @@ class ExportConfig:
     average_box: str = "input"  # input | working
     wiener_snr: float = 1.0
     frc_threshold: float = 0.143
-    junk_resolution_A: float = 25.0
+    junk_resolution_A: float = 0.0
     min_class_fraction: float = 0.01
+    min_coherence_z: float = -3.0
+    rescue_quantile: float = 0.05
     select: list = dataclasses.field(default_factory=list)
     write_poses: bool = True
     clcluster_columns: bool = True
@@ -352,6 +355,8 @@ class Quality:
     resolution_A: np.ndarray  # (k,), NaN for classes of fewer than 2 particles
     curves: np.ndarray  # (k, box//2+1) FRC of the half-set averages
     order: np.ndarray  # classes, best ranked first (0-based)
+    kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued)
+    rescued: int = 0  # particles of junk-suggested classes kept (`rescue_particles`)
 
 
 def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig) -> Quality:
@@ -360,8 +365,21 @@ def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments
     res_A, curves = half_set_resolution(averages.halves, averages.apix, cfg.frc_threshold)
     res_A = np.where(counts >= 2, res_A, np.nan)
     q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
-                      cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select)
+                      cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select, cfg.min_coherence_z)
     return Quality(q, res_A, curves, np.argsort(q["rank"].to_numpy()))
+
+
+def rescue(images, labels, poses: Poses, quality: Quality, cfg: ExportConfig, work_apix: float, device: str) -> Quality:
+    """The particles for particles_selected: the selected classes' members and, with the automatic
+    selection and `cfg.rescue_quantile` > 0, the particles of junk-suggested classes that match a
+    selected class's average as well as most of its members (`averages.rescue_particles`)."""
+    selected = quality.table["selected"].to_numpy()
+    if cfg.select or cfg.rescue_quantile <= 0:
+        return dataclasses.replace(quality, kept=selected[labels])
+    r = rescue_particles(images, labels, selected, poses.angle_deg, poses.shift_at(work_apix), cfg.rescue_quantile,
+                         n_angles=cfg.align_angles, max_shift_px=cfg.align_max_shift_px, device=device,
+                         batch_size=cfg.batch_size, cache_mb=cfg.cache_mb)
+    return dataclasses.replace(quality, kept=r.kept, rescued=int((r.kept & ~selected[labels]).sum()))
 
 
 def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Quality, cfg: ExportConfig) -> None:
@@ -437,6 +455,7 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
         poses = refine_poses(table, images, labels, averages, poses, cfg, work_apix)
         averages = make_averages(table, images, labels, k, poses, halves, cfg, averages.source, work_apix)
     quality = assess_quality(labels, k, averages, poses, assignments, cfg)
+    quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
     write_averages(out_dir, labels, k, averages, quality, cfg)
     return write_particles(out_dir, table, labels, k, poses, averages, quality, assignments, cfg, embeddings, seed)
 
@@ -457,7 +476,7 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
     classified, psi, origin_A = classified_table(table, labels, poses, assignments, cfg)
     for j in range(k):
         write_star(out_dir / "classes" / f"class_{j + 1:03d}.star", classified.subset(np.flatnonzero(labels == j)))
-    sel_rows = np.flatnonzero(np.isin(labels + 1, selected_classes))
+    sel_rows = np.flatnonzero(quality.kept if quality.kept is not None else np.isin(labels + 1, selected_classes))
     write_star(out_dir / "particles_selected.star", classified.subset(sel_rows))
     if cfg.cryosparc:
         cs = cs_array(table, psi, origin_A, labels)
@@ -466,8 +485,10 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
     res_A = quality.resolution_A
     summary = {
         "particles": n, "classes": k, "class_sizes": counts.tolist(), "selected_classes": selected_classes.tolist(),
-        "selected_particles": int(len(sel_rows)), "selection": "user list export.select" if cfg.select else
-        f"automatic: resolution <= {cfg.junk_resolution_A} Å and fraction >= {cfg.min_class_fraction}",
+        "selected_particles": int(len(sel_rows)), "rescued_particles": quality.rescued, "selection": "user list export.select" if cfg.select else
+        f"automatic: fraction >= {cfg.min_class_fraction}, coherence z >= {cfg.min_coherence_z}"
+        + (f", resolution <= {cfg.junk_resolution_A} Å" if cfg.junk_resolution_A > 0 else "")
+        + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}",
         "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
                      "from": "original images, CTF-aware (Wiener)" if averages.source == "input"
                      else "preprocessed images (aligned means)", "wiener_snr": cfg.wiener_snr},
