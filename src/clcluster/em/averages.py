@@ -25,7 +25,7 @@ import torch
 
 from clcluster.em.align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
 from clcluster.image.ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
-from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background
+from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background, radial_shells
 from clcluster.io.mrc import read_images
 from clcluster.core.rng import HALF_SETS_OFFSET
 
@@ -61,19 +61,12 @@ class ClassPoses:
 SPECTRUM_IMAGES = 2000
 
 
-def _shells(box: int) -> np.ndarray:
-    """Integer radial shell (0 … box//2) of every rFFT coefficient of a (box, box) image."""
-    fy = np.fft.fftfreq(box)[:, None]
-    fx = np.fft.rfftfreq(box)[None, :]
-    return np.minimum(np.rint(np.sqrt(fx ** 2 + fy ** 2) * box).astype(np.int64), box // 2)
-
-
 def whitening_filter(images, n_images: int = SPECTRUM_IMAGES, batch: int = 1024) -> np.ndarray:
     """rFFT filter (box, box//2+1) float32 that whitens images (n, box, box): 1/sqrt of the radial
     power spectrum of the first n_images (mostly noise at low SNR), normalised to mean 1 over the
     coefficients, DC set to 0."""
     box = images.shape[-1]
-    shell = _shells(box)
+    shell = radial_shells(box)
     sums = np.zeros(box // 2 + 1)
     count = 0
     for s in range(0, min(len(images), n_images), batch):

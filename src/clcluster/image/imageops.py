@@ -39,6 +39,17 @@ def freq_grid(box: int, apix: float = 1.0, xp=np, rfft: bool = True):
     return xp.meshgrid(fy, fx, indexing="ij")
 
 
+def radial_shells(box: int, xp=np, rfft: bool = True, fold: bool = True):
+    """Integer radial shell round(|k|) (k in cycles per box) of every coefficient of the (r)FFT of
+    a (box, box) image, unshifted layout: (box, box//2+1) with rfft, else (box, box); int64.
+    fold: the corners beyond Nyquist go into the last shell, box//2; else they keep their own
+    shells (> box//2). The shells of every radial spectrum of the package: whitening
+    (`steps.preprocess`, `em.averages`) and the realistic simulator's noise profiles."""
+    fy, fx = freq_grid(box, 1.0, xp, rfft=rfft)
+    shell = xp.rint(xp.sqrt(fx ** 2 + fy ** 2) * box).astype(xp.int64)
+    return xp.minimum(shell, box // 2) if fold else shell
+
+
 def fourier_filter(images, filt):
     """Multiply the rFFT of images (n, D, D) by `filt` ((D, D//2+1) or (n, D, D//2+1)) and return real images."""
     xp = get_array_module(images)

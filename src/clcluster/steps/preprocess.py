@@ -29,9 +29,9 @@ from clcluster.image.imageops import (
     circular_mask,
     fourier_crop_filtered,
     fourier_filter,
-    freq_grid,
     lowpass,
     normalise_background,
+    radial_shells,
 )
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import read_images
@@ -102,18 +102,12 @@ def apply_mask(images, cfg: PreprocessConfig):
     return images * circular_mask(images.shape[-1], cfg.mask_radius_px, soft_edge=3.0, xp=get_array_module(images))
 
 
-def _shells(box: int, xp):
-    """Integer radial shell (0 … box//2) of every rFFT coefficient of a (box, box) image."""
-    fy, fx = freq_grid(box, 1.0, xp)
-    return xp.minimum(xp.rint(xp.sqrt(fx ** 2 + fy ** 2) * box).astype(xp.int64), box // 2)
-
-
 def radial_power_sums(images):
     """(sum of |F|^2 per radial shell, number of coefficients per shell) over images (n, box, box);
     both (box//2+1,) float64 on the images' device. Sums over batches combine by addition."""
     xp = get_array_module(images)
     box = images.shape[-1]
-    shell = _shells(box, xp).ravel()
+    shell = radial_shells(box, xp).ravel()
     p = (xp.abs(xp.fft.rfft2(images)) ** 2).sum(axis=0).astype(xp.float64).ravel()
     nb = box // 2 + 1
     return (xp.bincount(shell, weights=p, minlength=nb),
@@ -172,7 +166,7 @@ def whiten(images, spectrum):
     xp = get_array_module(images)
     box = images.shape[-1]
     spec = xp.asarray(asnumpy(spectrum) if xp is np else spectrum, dtype=xp.float64)
-    filt = 1.0 / xp.sqrt(xp.maximum(spec[_shells(box, xp)], 1e-12))
+    filt = 1.0 / xp.sqrt(xp.maximum(spec[radial_shells(box, xp)], 1e-12))
     filt[0, 0] = 0.0
     return fourier_filter(images, filt.astype(xp.float32))
 
