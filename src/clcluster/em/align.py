@@ -96,6 +96,12 @@ def rotational_correlation(pf: torch.Tensor, qf: torch.Tensor, n_angles: int, pe
     return torch.fft.irfft(prod, n=n_angles, dim=-1)
 
 
+def repeated_candidates(cand: torch.Tensor) -> torch.Tensor:
+    """(n, c) bool: True where a particle's candidate class cand (n, c) already appears earlier
+    in its list (such entries get posterior 0 in the E-steps, so a class counts once)."""
+    return (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)
+
+
 @dataclasses.dataclass
 class Alignment:
     """Best class, score and pose of each particle."""
@@ -220,8 +226,7 @@ def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.n
         kk = corr.shape[2]
         prior = log_prior[cand] if cand is not None else log_prior[None].expand(b, -1)  # (b, kk)
         if cand is not None:  # a class listed twice for a particle counts once
-            dup = ((cand[:, :, None] == cand[:, None, :]) & torch.ones(kk, kk, dtype=torch.bool, device=cand.device).tril(-1)).any(-1)
-            prior = prior.masked_fill(dup, float("-inf"))
+            prior = prior.masked_fill(repeated_candidates(cand), float("-inf"))
         logits = beta * corr + prior[:, None, :, None]
         flat = logits.reshape(b, -1)
         resp = torch.softmax(flat, dim=1).reshape(corr.shape)  # (b, S, kk, A)

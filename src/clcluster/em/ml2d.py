@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from clcluster.em.align import PolarScanner, to_reference_frame
+from clcluster.em.align import PolarScanner, repeated_candidates, to_reference_frame
 from clcluster.core.rng import POLISH
 
 __all__ = ["ML2D", "ML2DResult", "classify", "ml2d", "polish"]
@@ -134,7 +134,7 @@ def _posterior_sparse(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, 
     w = w.permute(2, 0, 1, 3, 4).reshape(b, m, 2 * nr, 2 * c)
     z = torch.view_as_complex(torch.matmul(p, w).view(b, m, S, c, 2))  # (b, M, S, c)
     Lp = torch.fft.irfft(z, n=na, dim=1).permute(0, 2, 3, 1).contiguous()  # (b, S, c, Na)
-    dup = (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)  # (b, c)
+    dup = repeated_candidates(cand)  # (b, c)
     Lp += (bias[:, cand].permute(1, 0, 2).masked_fill(dup[:, None, :], -torch.inf))[..., None]
     return _normalise(Lp, drop=dup)
 
