@@ -156,9 +156,7 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     if angle_deg is not None:
         refs = polar_refs(angle_deg, shift_px)
     else:
-        refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, n_angles).clone()
-        g = torch.Generator().manual_seed(seed)
-        refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+        refs = _rotational_start(cache, labels, k, seed)
     candidates = labels[:, None]
     history = []
     res = None
@@ -168,6 +166,14 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
         log.info("class-average alignment iteration %d: mean NCC with own class %.4f", it + 1, history[-1])
         refs = polar_refs(res.angle_deg, res.shift_px) if cartesian and it + 1 < iterations else new_refs
     return ClassPoses(res.angle_deg.astype(np.float64), res.shift_px.astype(np.float64), res.score, history)
+
+
+def _rotational_start(cache: PolarCache, labels: np.ndarray, k: int, seed: int) -> torch.Tensor:
+    """Starting polar references (K, R, A): each class's rotationally averaged polar mean plus
+    a faint random perturbation (5 % of its std; seeded) that breaks the rotational symmetry."""
+    refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, cache.pg.n_angles).clone()
+    g = torch.Generator().manual_seed(seed)
+    return refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
 
 
 def best_run_per_class(runs: list[ClassPoses], labels: np.ndarray, k: int) -> ClassPoses:
