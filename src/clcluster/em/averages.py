@@ -25,7 +25,7 @@ import torch
 
 from clcluster.em.align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
 from clcluster.image.ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
-from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background
+from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background, radial_shells
 from clcluster.io.mrc import read_images
 from clcluster.core.rng import HALF_SETS_OFFSET
 
@@ -61,19 +61,12 @@ class ClassPoses:
 SPECTRUM_IMAGES = 2000
 
 
-def _shells(box: int) -> np.ndarray:
-    """Integer radial shell (0 … box//2) of every rFFT coefficient of a (box, box) image."""
-    fy = np.fft.fftfreq(box)[:, None]
-    fx = np.fft.rfftfreq(box)[None, :]
-    return np.minimum(np.rint(np.sqrt(fx ** 2 + fy ** 2) * box).astype(np.int64), box // 2)
-
-
 def whitening_filter(images, n_images: int = SPECTRUM_IMAGES, batch: int = 1024) -> np.ndarray:
     """rFFT filter (box, box//2+1) float32 that whitens images (n, box, box): 1/sqrt of the radial
     power spectrum of the first n_images (mostly noise at low SNR), normalised to mean 1 over the
     coefficients, DC set to 0."""
     box = images.shape[-1]
-    shell = _shells(box)
+    shell = radial_shells(box)
     sums = np.zeros(box // 2 + 1)
     count = 0
     for s in range(0, min(len(images), n_images), batch):
@@ -142,13 +135,7 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     if starts > 1 and angle_deg is None:
         runs = [refine_class_poses(images, labels, k, None, None, iterations, n_angles, max_shift_px, device, batch_size,
                                    seed + r, cache_mb, whiten, centre, mask_radius) for r in range(starts)]
-        counts = np.maximum(np.bincount(labels, minlength=k), 1)
-        mean_score = np.stack([np.bincount(labels, weights=cp.score, minlength=k) / counts for cp in runs])
-        pick = mean_score.argmax(axis=0)[labels]  # (n,) run kept for each particle's class
-        rows = np.arange(len(labels))
-        return ClassPoses(np.stack([cp.angle_deg for cp in runs])[pick, rows],
-                          np.stack([cp.shift_px for cp in runs])[pick, rows],
-                          np.stack([cp.score for cp in runs])[pick, rows], runs[0].history)
+        return best_run_per_class(runs, labels, k)
     box = images.shape[-1]
     cartesian = whiten or centre or mask_radius > 0
     if whiten:
@@ -169,9 +156,7 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     if angle_deg is not None:
         refs = polar_refs(angle_deg, shift_px)
     else:
-        refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, n_angles).clone()
-        g = torch.Generator().manual_seed(seed)
-        refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+        refs = _rotational_start(cache, labels, k, seed)
     candidates = labels[:, None]
     history = []
     res = None
@@ -225,6 +210,26 @@ def rescue_particles(images, labels: np.ndarray, selected: np.ndarray, angle_deg
     return Rescue(kept, sel[res.labels], res.score.astype(np.float64), threshold)
 
 
+def _rotational_start(cache: PolarCache, labels: np.ndarray, k: int, seed: int) -> torch.Tensor:
+    """Starting polar references (K, R, A): each class's rotationally averaged polar mean plus
+    a faint random perturbation (5 % of its std; seeded) that breaks the rotational symmetry."""
+    refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, cache.pg.n_angles).clone()
+    g = torch.Generator().manual_seed(seed)
+    return refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+
+
+def best_run_per_class(runs: list[ClassPoses], labels: np.ndarray, k: int) -> ClassPoses:
+    """The poses of each class from the run whose mean NCC over the class's members is highest
+    (labels (n,) 0-based; `history` of the first run)."""
+    counts = np.maximum(np.bincount(labels, minlength=k), 1)
+    mean_score = np.stack([np.bincount(labels, weights=cp.score, minlength=k) / counts for cp in runs])
+    pick = mean_score.argmax(axis=0)[labels]  # (n,) run kept for each particle's class
+    rows = np.arange(len(labels))
+    return ClassPoses(np.stack([cp.angle_deg for cp in runs])[pick, rows],
+                      np.stack([cp.shift_px for cp in runs])[pick, rows],
+                      np.stack([cp.score for cp in runs])[pick, rows], runs[0].history)
+
+
 def relion_pose(angle_deg, shift_px, apix_A: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rlnAnglePsi [deg, in (-180, 180]], rlnOriginXAngst, rlnOriginYAngst) of poses (a, s)
     whose shifts are px at apix_A Å/px.
@@ -253,6 +258,43 @@ class WienerAverages:
     counts: np.ndarray  # (k,)
 
 
+def _average_pixel_size(table) -> float:
+    """The median pixel size (Å/px) of the particles (a warning when they differ)."""
+    apix_all = table.pixel_size()
+    apix = float(np.median(apix_all))
+    if not np.allclose(apix_all, apix, rtol=1e-3):
+        log.warning("particles have several pixel sizes (%s Å/px); averaging at %.4f Å/px",
+                    np.unique(apix_all)[:5], apix)
+    return apix
+
+
+def _ctf_weighted(x: np.ndarray, p: CTFParams | None, states, angle_deg: np.ndarray, apix: float):
+    """(images x CTF (n, D, D), CTF^2 in the class frame (n, D, D//2+1)) of a batch of
+    normalised images x: the CTF applied to bring every input state to CTF x raw image, and the
+    CTF rotated with the particle (astigmatism angle + angle_deg, degrees). Without CTF
+    parameters p: x unchanged and CTF^2 = 1."""
+    box = x.shape[-1]
+    if p is None:
+        return x, np.ones((len(x), box, box // 2 + 1))
+    c = to_ctf_weighted(ctf_2d(p, box, apix), states)  # CTF x raw image, whatever the input state
+    x = np.fft.irfft2(np.fft.rfft2(x) * c, s=(box, box)).astype(np.float32)
+    # the CTF seen in the class frame: rotated with the particle (astigmatism angle + a)
+    p_ref = dataclasses.replace(p, defocus_angle=np.asarray(p.defocus_angle, dtype=np.float64) + angle_deg)
+    return x, ctf_2d(p_ref, box, apix).astype(np.float64) ** 2
+
+
+def _wiener_solve(num: np.ndarray, den: np.ndarray, k: int, snr: float, apix: float, labels: np.ndarray) -> WienerAverages:
+    """Averages sum CTF_i X_i / (sum CTF_i^2 + 1/snr) from the sums num, den (2K, D, D//2+1)
+    of the two half sets (rows half x K + class)."""
+    box = num.shape[1]
+    reg = 1.0 / snr
+    num = num.reshape(2, k, box, box // 2 + 1)
+    den = den.reshape(2, k, box, box // 2 + 1)
+    full = np.fft.irfft2(num.sum(0) / (den.sum(0) + reg), s=(box, box)).astype(np.float32)
+    hv = np.fft.irfft2(num / (den + reg), s=(box, box)).astype(np.float32)
+    return WienerAverages(full, hv, apix, np.bincount(labels, minlength=k))
+
+
 def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px, *, snr: float = 1.0,
                           halves: np.ndarray | None = None, batch_size: int = 256, ctf: bool = True) -> WienerAverages:
     """CTF-aware class averages from the particles' ORIGINAL images (read through
@@ -271,51 +313,32 @@ def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     halves = np.zeros(n, np.int64) if halves is None else np.asarray(halves, dtype=np.int64)
-    apix_all = table.pixel_size()
-    apix = float(np.median(apix_all))
-    if not np.allclose(apix_all, apix, rtol=1e-3):
-        log.warning("particles have several pixel sizes (%s Å/px); averaging at %.4f Å/px",
-                    np.unique(apix_all)[:5], apix)
+    apix = _average_pixel_size(table)
     params = CTFParams.from_table(table) if (ctf and has_ctf(table)) else None
     states = ctf_states(table)
     paths, idx = table.image_refs()
     whole = table.whole_file_rows()
     names = table.particles["rlnImageName"].astype(str).to_numpy() if "rlnImageName" in table.particles else None
     num = den = None
-    box = None
     for s in range(0, n, batch_size):
         rows = np.arange(s, min(n, s + batch_size))
         x = read_images([paths[i] for i in rows], idx[rows], None if names is None else names[rows], whole[rows])
-        if box is None:
-            box = x.shape[-1]
+        box = x.shape[-1]
+        if num is None:
             num = np.zeros((2 * k, box, box // 2 + 1), np.complex128)
             den = np.zeros((2 * k, box, box // 2 + 1), np.float64)
         x = normalise_background(x, 0.375 * box)
         a = np.asarray(angle_deg, dtype=np.float64)[rows]
-        if params is not None:
-            p = params.subset(rows)
-            c = to_ctf_weighted(ctf_2d(p, box, apix), states[rows])  # CTF x raw image, whatever the input state
-            x = np.fft.irfft2(np.fft.rfft2(x) * c, s=(box, box)).astype(np.float32)
-            # the CTF seen in the class frame: rotated with the particle (astigmatism angle + a)
-            p_ref = dataclasses.replace(p, defocus_angle=np.asarray(p.defocus_angle, dtype=np.float64) + a)
-            c2 = ctf_2d(p_ref, box, apix).astype(np.float64) ** 2
-        else:
-            c2 = np.ones((len(rows), box, box // 2 + 1))
-        xr = to_reference_frame(x, a, np.asarray(shift_px, dtype=np.float64)[rows])
-        f = np.fft.rfft2(xr)
+        x, c2 = _ctf_weighted(x, None if params is None else params.subset(rows), states[rows], a, apix)
+        f = np.fft.rfft2(to_reference_frame(x, a, np.asarray(shift_px, dtype=np.float64)[rows]))
         key = halves[rows] * k + labels[rows]
         for j in np.unique(key):
             sel = key == j
             num[j] += f[sel].sum(axis=0)
             den[j] += c2[sel].sum(axis=0)
-    if box is None:
+    if num is None:
         raise ValueError("no particles to average")
-    reg = 1.0 / snr
-    num = num.reshape(2, k, box, box // 2 + 1)
-    den = den.reshape(2, k, box, box // 2 + 1)
-    full = np.fft.irfft2(num.sum(0) / (den.sum(0) + reg), s=(box, box)).astype(np.float32)
-    hv = np.fft.irfft2(num / (den + reg), s=(box, box)).astype(np.float32)
-    return WienerAverages(full, hv, apix, np.bincount(labels, minlength=k))
+    return _wiener_solve(num, den, k, snr, apix, labels)
 
 
 # ---- resolution -------------------------------------------------------------------------------------

@@ -192,46 +192,25 @@ def write_model_star(path, quality: pd.DataFrame, apix: float, box: int, criteri
         starfile.write({"model_general": general, "model_classes": classes}, tmp, overwrite=True)
 
 
-def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float | None = None) -> np.ndarray:
-    """A cryoSPARC particle dataset (NumPy structured array, as `cryosparc-tools`' Dataset saves
-    it): uid, blob/*, ctf/*, alignments2D/{class, pose, shift, psize_A}.
+def _cs_dtype(path_width: int) -> list:
+    """The fields of a cryoSPARC particle dataset, blob/path as bytes of `path_width`."""
+    return [("uid", "<u8"), ("blob/path", f"S{path_width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+            ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("blob/import_sig", "<u8"),
+            ("ctf/type", "S8"), ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+            ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
+            ("ctf/phase_shift_rad", "<f4"), ("ctf/scale", "<f4"), ("ctf/scale_const", "<f4"),
+            ("ctf/shift_A", "<f4", (2,)), ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)),
+            ("ctf/tetra_A", "<f4", (4,)), ("ctf/anisomag", "<f4", (4,)), ("ctf/bfactor", "<f4"),
+            ("alignments2D/split", "<u4"), ("alignments2D/shift", "<f4", (2,)), ("alignments2D/pose", "<f4"),
+            ("alignments2D/psize_A", "<f4"), ("alignments2D/error", "<f4"), ("alignments2D/class_posterior", "<f4"),
+            ("alignments2D/class", "<u4"), ("alignments2D/class_ess", "<f4")]
 
-    blob/path is the resolved stack path; alignments2D/pose = psi in radians and
-    alignments2D/shift = RELION's origin in px of the particle image, with
-    alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
-    image). `align_apix` (the working pixel size the poses were found at) is not needed: the
-    origins come in Å."""
+
+def _cs_ctf(cs: np.ndarray, table: ParticleTable) -> None:
+    """Fill the ctf/* fields of `cs` from the table (defocus Å, angles in radians, voltage kV, Cs mm)."""
     from clcluster.em.averages import has_ctf
     from clcluster.image.ctf import CTFParams
 
-    n = len(table)
-    paths, idx = table.image_refs()
-    apix = table.pixel_size().astype(np.float32)
-    box = table.column("rlnImageSize")
-    if box is None:
-        from clcluster.io.mrc import stack_shape
-
-        box = np.full(n, stack_shape(paths[0])[-1]) if n else np.zeros(0)
-    spaths = np.array([str(p) for p in paths], dtype=object)
-    width = max(8, max((len(s.encode()) for s in spaths), default=8))
-    dt = [("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
-          ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("blob/import_sig", "<u8"),
-          ("ctf/type", "S8"), ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
-          ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
-          ("ctf/phase_shift_rad", "<f4"), ("ctf/scale", "<f4"), ("ctf/scale_const", "<f4"),
-          ("ctf/shift_A", "<f4", (2,)), ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)),
-          ("ctf/tetra_A", "<f4", (4,)), ("ctf/anisomag", "<f4", (4,)), ("ctf/bfactor", "<f4"),
-          ("alignments2D/split", "<u4"), ("alignments2D/shift", "<f4", (2,)), ("alignments2D/pose", "<f4"),
-          ("alignments2D/psize_A", "<f4"), ("alignments2D/error", "<f4"), ("alignments2D/class_posterior", "<f4"),
-          ("alignments2D/class", "<u4"), ("alignments2D/class_ess", "<f4")]
-    cs = np.zeros(n, dtype=dt)
-    rng = np.random.default_rng(CRYOSPARC_UID_SEED)
-    cs["uid"] = rng.integers(1, 2 ** 63, size=n, dtype=np.uint64)
-    cs["blob/path"] = np.char.encode(spaths.astype(str), "utf-8")
-    cs["blob/idx"] = idx
-    cs["blob/shape"] = np.stack([np.asarray(box), np.asarray(box)], axis=1)
-    cs["blob/psize_A"] = apix
-    cs["blob/sign"] = -1.0
     cs["ctf/type"] = b"imported"
     if "rlnOpticsGroup" in table.particles:
         cs["ctf/exp_group_id"] = table.particles["rlnOpticsGroup"].to_numpy()
@@ -250,6 +229,36 @@ def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: floa
     scale = table.column("rlnCtfScalefactor")
     cs["ctf/scale"] = 1.0 if scale is None else np.asarray(scale, dtype=np.float32)
     cs["ctf/scale_const"] = 0
+
+
+def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float | None = None) -> np.ndarray:
+    """A cryoSPARC particle dataset (NumPy structured array, as `cryosparc-tools`' Dataset saves
+    it): uid, blob/*, ctf/*, alignments2D/{class, pose, shift, psize_A}.
+
+    blob/path is the resolved stack path; alignments2D/pose = psi in radians and
+    alignments2D/shift = RELION's origin in px of the particle image, with
+    alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
+    image). `align_apix` (the working pixel size the poses were found at) is not needed: the
+    origins come in Å."""
+    n = len(table)
+    paths, idx = table.image_refs()
+    apix = table.pixel_size().astype(np.float32)
+    box = table.column("rlnImageSize")
+    if box is None:
+        from clcluster.io.mrc import stack_shape
+
+        box = np.full(n, stack_shape(paths[0])[-1]) if n else np.zeros(0)
+    spaths = np.array([str(p) for p in paths], dtype=object)
+    width = max(8, max((len(s.encode()) for s in spaths), default=8))
+    cs = np.zeros(n, dtype=_cs_dtype(width))
+    rng = np.random.default_rng(CRYOSPARC_UID_SEED)
+    cs["uid"] = rng.integers(1, 2 ** 63, size=n, dtype=np.uint64)
+    cs["blob/path"] = np.char.encode(spaths.astype(str), "utf-8")
+    cs["blob/idx"] = idx
+    cs["blob/shape"] = np.stack([np.asarray(box), np.asarray(box)], axis=1)
+    cs["blob/psize_A"] = apix
+    cs["blob/sign"] = -1.0
+    _cs_ctf(cs, table)
     cs["alignments2D/pose"] = np.deg2rad(np.asarray(psi_deg, dtype=np.float64))
     cs["alignments2D/shift"] = np.asarray(origin_A, dtype=np.float64).reshape(-1, 2) / apix.astype(np.float64)[:, None]
     cs["alignments2D/psize_A"] = apix
