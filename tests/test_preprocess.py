@@ -96,7 +96,7 @@ def test_preprocess_table_writes_float16_and_sidecar(sim_star, tmp_path, monkeyp
     reads = []
     real_read = pp.read_images
     monkeypatch.setattr(pp, "read_images", lambda paths, idx, names=None, whole=None: reads.append(len(paths)) or real_read(paths, idx, names, whole))
-    pc = PreprocessConfig(box=64, batch_size=64, ctf="phase_flip", mask_radius_px=24)
+    pc = PreprocessConfig(box=64, batch_size=64, ctf="phase_flip", mask_radius_px=24, whiten=False)
     meta = preprocess_table(table, tmp_path / "shard_0.npy", pc, device="cpu")
     assert reads == [64, 64, 22]  # one batch of raw images at a time
     out = np.load(tmp_path / "shard_0.npy", mmap_mode="r")
