@@ -68,6 +68,7 @@ class ExportConfig:
     frc_threshold: float = 0.143
     junk_resolution_A: float = 25.0
     min_class_fraction: float = 0.01
+    min_stability: float = 0.0
     select: list = dataclasses.field(default_factory=list)
     write_poses: bool = True
     clcluster_columns: bool = True
@@ -185,6 +186,8 @@ def write_model_star(path, quality: pd.DataFrame, apix: float, box: int, criteri
         "rlnClclusterSelected": quality["selected"].to_numpy().astype(np.int64),
         "rlnClclusterMeanDistance": quality["mean_distance"].to_numpy(dtype=np.float64),
     })
+    if "stability" in quality:
+        classes["rlnClclusterStability"] = quality["stability"].to_numpy(dtype=np.float64)
     with atomic_path(path) as tmp:
         starfile.write({"model_general": general, "model_classes": classes}, tmp, overwrite=True)
 
@@ -361,7 +364,32 @@ def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments
     res_A = np.where(counts >= 2, res_A, np.nan)
     q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
                       cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select)
+    q = add_stability(q, assignments.get("stability"), cfg.min_stability, bool(cfg.select))
     return Quality(q, res_A, curves, np.argsort(q["rank"].to_numpy()))
+
+
+def add_stability(q: pd.DataFrame, stability, min_stability: float = 0.0, user_select: bool = False) -> pd.DataFrame:
+    """The cluster step's per-class seed stability (k,) (fraction of a class's particles that stay
+    together in runs with other seeds; NaN: not measured) as a `stability` column of the quality
+    table q, when given. With min_stability > 0, classes below it are suggested as junk too (and
+    dropped from the automatic selection unless the user chose the classes; at least the
+    best-ranked class stays selected); unmeasured classes are not judged by it."""
+    if stability is None:
+        return q
+    stability = np.asarray(stability, dtype=np.float64)
+    if stability.shape != (len(q),):
+        log.warning("seed stability for %d classes, %d in the export: not used", stability.size, len(q))
+        return q
+    q = q.copy()
+    q["stability"] = stability
+    if min_stability > 0:
+        unstable = np.nan_to_num(stability, nan=1.0) < min_stability
+        q.loc[unstable, "suggestion"] = "junk"
+        if not user_select:
+            q.loc[unstable, "selected"] = False
+            if not q["selected"].any() and (q["particles"] > 0).any():
+                q.loc[int(np.argmin(q["rank"].to_numpy())), "selected"] = True
+    return q
 
 
 def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Quality, cfg: ExportConfig) -> None:
@@ -373,6 +401,7 @@ def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Q
     with atomic_path(out_dir / "class_quality.csv") as tmp:
         q.to_csv(tmp, index=False, float_format="%.4g")
     titles = [f"class {j + 1}  n={counts[j]}\n" + (f"{res_A[j]:.1f} Å" if np.isfinite(res_A[j]) else "–")
+              + (f"  s={q['stability'][j]:.2f}" if "stability" in q and np.isfinite(q["stability"][j]) else "")
               + ("  junk" if q["suggestion"][j] == "junk" else "") for j in range(k)]
     gallery(averages.full, counts, out_dir / "class_averages.png", cfg.gallery_columns, quality.order, titles,
             junk=(q["suggestion"] == "junk").to_numpy())
@@ -467,7 +496,9 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
     summary = {
         "particles": n, "classes": k, "class_sizes": counts.tolist(), "selected_classes": selected_classes.tolist(),
         "selected_particles": int(len(sel_rows)), "selection": "user list export.select" if cfg.select else
-        f"automatic: resolution <= {cfg.junk_resolution_A} Å and fraction >= {cfg.min_class_fraction}",
+        f"automatic: resolution <= {cfg.junk_resolution_A} Å and fraction >= {cfg.min_class_fraction}"
+        + (f" and seed stability >= {cfg.min_stability}" if cfg.min_stability > 0 and "stability" in q else ""),
+        "seed_ari": float(assignments["seed_ari"]) if assignments.get("seed_ari") is not None else None,
         "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
                      "from": "original images, CTF-aware (Wiener)" if averages.source == "input"
                      else "preprocessed images (aligned means)", "wiener_snr": cfg.wiener_snr},
