@@ -67,7 +67,7 @@ class ClusterConfig:
     cache_mb: int = 2000
     batch_size: int = 512
     stability_runs: int = 1
-    stability_subset: int = 2000
+    stability_subset: int = 1000
 
     @classmethod
     def from_dict(cls, d):
