@@ -50,3 +50,27 @@ def test_stability_of_alignment_free_labels_and_what_assignments_npz_holds(tmp_p
     assert few.stability.shape == (3,) and few.seed_ari < 1.0
     skipped = cluster(blobs, 3, ClusterConfig(n_init=1, refine=False, stability_runs=1, stability_subset=2), seed=0)
     assert skipped.stability is None
+
+
+def test_realistic_benchmark_reports_the_seed_ari_of_the_cl_pipeline(tmp_path):
+    """The realistic benchmark's CL rows carry the seed ARI (a second master seed) and the
+    cluster step's own stability ARI; --no-seed-ari (seed_ari False) leaves the column out."""
+    import copy
+
+    from clcluster.bench.realistic_benchmark import RealisticBenchmarkConfig, run_realistic_benchmark
+    from clcluster.core.config import load_config
+    from clcluster.steps.simulate import SimulationConfig
+
+    cfg = copy.deepcopy(load_config(None))
+    cfg["train"].update(steps=3, batch_size=32)
+    cfg["cluster"].update(n_init=2, refine_iterations=4, refine_restarts=1, refine_ml_iterations=2)
+    sc = SimulationConfig(volumes=("builtin:0",), box=32, apix=5.0, mode="realistic",
+                          realistic={"particles": 120, "junk_fraction": 0.25})
+    kw = dict(classes=3, fidelity_directions=20)
+    df = run_realistic_benchmark(RealisticBenchmarkConfig(methods=("cl_kmeans", "cl_refined"), **kw), cfg, tmp_path, sc)
+    by = df.set_index("method")
+    assert by["seed_ari"].between(-1, 1).all() and -1 <= by.loc["cl_refined", "stability_ari"] <= 1
+    assert "seed_ari" in (tmp_path / "results.md").read_text()
+    off = run_realistic_benchmark(RealisticBenchmarkConfig(methods=("cl_refined",), seed_ari=False, **kw), cfg,
+                                  tmp_path / "off", sc)
+    assert "seed_ari" not in off and off["stability_ari"].between(-1, 1).all()
