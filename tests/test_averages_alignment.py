@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clcluster.em.averages import FilteredImages, _shells, aligned_means, recentre, refine_class_poses, whitening_filter
-from clcluster.image.imageops import fourier_shift, gaussian_lowpass, rotate
+from clcluster.em.averages import FilteredImages, aligned_means, recentre, refine_class_poses, whitening_filter
+from clcluster.image.imageops import fourier_shift, gaussian_lowpass, radial_shells, rotate
 
 BOX = 32
 SNR = 0.03
 
 
 def radial_power(x: np.ndarray) -> np.ndarray:
-    shell = _shells(x.shape[-1]).ravel()
+    shell = radial_shells(x.shape[-1]).ravel()
     p = (np.abs(np.fft.rfft2(x)) ** 2).sum(0).ravel()
     return np.bincount(shell, weights=p) / np.bincount(shell) / len(x)
 

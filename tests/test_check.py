@@ -240,6 +240,17 @@ def test_cli(tmp_path, capsys):
     assert run_cli([star, "--no-ctf", "--classes", "5", "--exclude-bad", out]) == 1  # table-level: not excludable
 
 
+def test_cli_count_only_checks_the_number_of_classes_without_reading_stacks(tmp_path, capsys):
+    """--count-only (the workflow's check_classes rule): particles against --classes, no stack read."""
+    t = make_table(tmp_path, [f"{i}@missing.mrcs" for i in range(1, 13)])  # 12 particles, no stack
+    assert run_cli([t.path, "--count-only", "--classes", "6"]) == 0     # 12 >= 2 x 6
+    assert "No problems found." in capsys.readouterr().out
+    assert run_cli([t.path, "--count-only", "--classes", "7"]) == 1     # 12 < 2 x 7
+    assert "too few to classify into 7 classes" in capsys.readouterr().out
+    assert run_cli([t.path, "--count-only", "--classes", "13"]) == 1    # more classes than particles
+    assert run_cli([t.path, "--classes", "6"]) == 1                     # the full check reads the stack
+
+
 # ---- fuzzing read_star ---------------------------------------------------------------------
 
 VALID = """# version 30001

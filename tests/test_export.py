@@ -243,6 +243,23 @@ def test_class_quality_ranking_and_selection():
         class_quality(labels, 4, res, select=[5])
 
 
+def test_coherence_flags_a_catch_all_class():
+    """A class whose members match their own average far worse than the other classes' members
+    (junk gathered in one class) is suggested as junk, whatever its FRC resolution; similar classes are not."""
+    labels = np.repeat(np.arange(8), 40)
+    ncc = np.repeat([0.30, 0.31, 0.29, 0.32, 0.30, 0.28, 0.31, 0.15], 40)
+    res = np.full(8, 15.0)
+    q = class_quality(labels, 8, res, score=ncc, min_coherence_z=-3.0)
+    assert q["suggestion"].tolist() == ["good"] * 7 + ["junk"]
+    assert q["coherence_z"].iloc[7] < -3 < q["coherence_z"].iloc[:7].min()
+    assert class_quality(labels, 8, res, score=ncc)["suggestion"].eq("good").all()  # criterion off
+    same = np.repeat([0.30, 0.31, 0.29, 0.32, 0.30, 0.28, 0.31, 0.30], 40)
+    assert class_quality(labels, 8, res, score=same, min_coherence_z=-3.0)["suggestion"].eq("good").all()
+    few = np.repeat([0, 1, 2], 40)  # too few classes for a robust spread: no z-score, nothing flagged
+    q = class_quality(few, 3, np.full(3, 15.0), score=ncc[:120], min_coherence_z=-3.0)
+    assert q["coherence_z"].isna().all() and q["suggestion"].eq("good").all()
+
+
 def test_relion30_flavour_and_working_box_averages(run, tmp_path):
     """A RELION 3.0 file (no optics block) gets origins in px; `average_box: working` averages the
     preprocessed images; the user's class list decides the selection."""
@@ -267,3 +284,28 @@ def test_relion30_flavour_and_working_box_averages(run, tmp_path):
     sel = starfile.read(tmp_path / "particles_selected.star")
     assert set(sel["rlnClassNumber"]) == {2, 3} and len(sel) == int(np.isin(labels, [1, 2]).sum())
     assert s["averages"]["box"] == WORK_BOX
+
+
+def test_rescue_keeps_particles_that_match_a_selected_class():
+    """Particles of a junk-suggested class that look like a selected class's average are kept;
+    pure-noise members of that class are not (fixed seed, 24 px box)."""
+    from clcluster.em.averages import rescue_particles
+
+    rng = np.random.default_rng(3)
+    box = 24
+    yy, xx = np.mgrid[:box, :box] - box // 2
+    view = np.exp(-((xx - 3) ** 2 + yy ** 2) / 8.0) - np.exp(-((xx + 3) ** 2 + (yy - 2) ** 2) / 6.0)
+    view /= view.std()
+    good = view[None] + 0.5 * rng.standard_normal((60, box, box))
+    noise = 0.5 * rng.standard_normal((40, box, box))
+    images = np.concatenate([good, noise]).astype(np.float32)
+    labels = np.r_[np.zeros(40, int), np.ones(60, int)]  # class 1: 20 good particles + 40 noise images
+    selected = np.array([True, False])
+    zeros = np.zeros(100)
+    r = rescue_particles(images, labels, selected, zeros, np.zeros((100, 2)), 0.05, n_angles=32, max_shift_px=1)
+    assert r.kept[:40].all()  # selected members stay
+    assert r.kept[40:60].mean() >= 0.8  # good particles of the junk class are rescued
+    assert r.kept[60:].mean() <= 0.1  # noise is not
+    assert (r.matched_class[40:60] == 0).all()
+    off = rescue_particles(images, labels, selected, zeros, np.zeros((100, 2)), 0.0)
+    assert (off.kept == (labels == 0)).all()

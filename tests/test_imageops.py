@@ -151,3 +151,18 @@ def test_fourier_crop_filtered_equals_filter_then_crop(xpcall, new_box):
     assert one_pass.shape == (3, new_box, new_box)
     assert np.allclose(one_pass, fourier_crop(fourier_filter(imgs, filt), new_box), atol=2e-6)
     assert np.allclose(xpcall(fourier_crop_filtered, imgs, new_box), fourier_crop(imgs, new_box), atol=2e-6)
+
+
+@pytest.mark.parametrize("box", [7, 8, 31, 64, 100, 256])
+def test_radial_shells_are_rounded_frequency_radii(box):
+    """Shell of each (r)FFT coefficient = round(|k|), k in cycles per box; folded: corners beyond
+    Nyquist in shell box//2."""
+    from clcluster.image.imageops import radial_shells
+
+    k = np.fft.fftfreq(box) * box
+    full = np.rint(np.sqrt(k[:, None] ** 2 + k[None, :] ** 2)).astype(np.int64)
+    assert np.array_equal(radial_shells(box, rfft=False, fold=False), full)
+    assert np.array_equal(radial_shells(box, rfft=False), np.minimum(full, box // 2))
+    half = radial_shells(box)
+    assert half.shape == (box, box // 2 + 1) and np.array_equal(half, np.minimum(full, box // 2)[:, : box // 2 + 1])
+    assert half[0, 0] == 0 and half.max() == box // 2

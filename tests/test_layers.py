@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src/clcluster"
 LAYERS = {
     "core": (0, ["config", "rng", "backend", "distributed", "metrics"]),
     "io": (1, []),  # the clcluster.io package: particle files, stacks, atomic writes
-    "image": (2, ["imageops", "ctf"]),
+    "image": (2, ["imageops", "ctf", "polar"]),
     "em": (3, ["align", "ml2d", "averages", "poses"]),
     "learn": (3, ["augment", "models", "losses", "data"]),
     "steps": (4, ["check", "shards", "preprocess", "train", "embed", "cluster", "export", "simulate"]),
@@ -27,7 +27,7 @@ LAYERS = {
 }
 DESCRIPTIONS = {
     "core": "Core: configuration and its schema, named random streams, array backend, distributed ranks, metrics.",
-    "image": "Image operations: Fourier shifts and rotations, filters, masks, the CTF.",
+    "image": "Image operations: Fourier shifts and rotations, filters, masks, the CTF, polar sampling grids.",
     "em": "Alignment and EM: polar scans, annealed and hard EM, split-and-merge, ML2D, class averages.",
     "learn": "Contrastive learning: augmentation, encoders, the loss, training batches over shards.",
     "steps": "One module per workflow step (check, shard, preprocess, train, embed, cluster, export, simulate).",

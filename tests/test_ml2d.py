@@ -5,7 +5,7 @@ import pytest
 from clcluster.image.imageops import rotate
 from clcluster.core.metrics import hungarian_accuracy
 from clcluster.em.align import PolarCache, PolarGrid, PolarScanner, align_all, polar_references
-from clcluster.em.ml2d import classify, ml2d, polish
+from clcluster.em.ml2d import ML2D, classify, image_data, ml2d, polish
 from conftest import binned_easy_set
 
 
@@ -43,6 +43,30 @@ def test_classify_with_the_fitted_model_reproduces_the_last_e_step(easy):
     one = np.random.default_rng(2).integers(0, 4, (int(fit.sum()), 1))
     lab1, prob1 = classify(img[fit], res, candidates=one)[:2]
     assert np.array_equal(lab1, one[:, 0]) and np.allclose(prob1, 1, atol=1e-5)
+
+
+def test_ml2d_model_steps_by_hand_are_the_function(easy):
+    """The ML2D model object: start, then e_step and m_step by hand, gives ml2d's log-likelihoods,
+    labels and poses to the bit."""
+    import torch
+
+    img, _, _ = easy
+    x = np.ascontiguousarray(img[:80], dtype=np.float32)
+    ref0 = x[[0, 30, 60]]
+    res = ml2d(x, 3, n_rotations=24, max_shift=1, init_references=ref0, max_iter=3, tol=0)
+    scan = PolarScanner(x.shape[-1], 24, 1)
+    data = image_data(torch.as_tensor(x), scan, 3, None, None, 1e9)
+    model = ML2D(scan, 3, "gaussian", 1).start(ref0, float(data.xx.mean() / data.npix))
+    lls = []
+    for it in range(4):
+        st = model.e_step(data)
+        lls.append(st.log_likelihood)
+        if it < 3:
+            model.m_step(st, data)
+    assert lls == res.log_likelihood_history and len(lls) == 4
+    assert np.array_equal(st.labels, res.labels)
+    assert np.array_equal(scan.rotation_deg(st.rot_i), res.rotation_deg)
+    assert np.isclose(model.sigma2, res.sigma ** 2, rtol=1e-12)
 
 
 def test_ml2d_log_likelihood_never_decreases(easy):

@@ -111,7 +111,9 @@ def planned_jobs(results, *configfiles) -> dict:
 @pytest.mark.slow
 def test_each_rule_reruns_only_when_its_own_settings_change(demo_run, tmp_path):
     """Each rule reads only its step's settings: a cosmetic export key must not plan hours of
-    training and clustering again; a training key reruns training and what follows it only."""
+    training and clustering again; a training key reruns training and what follows it only; the
+    number of classes reruns the clustering and what follows, the CTF correction the
+    preprocessing and what follows."""
     results, _ = demo_run
     assert planned_jobs(results) == {}
     gallery = tmp_path / "gallery.yaml"
@@ -121,3 +123,14 @@ def test_each_rule_reruns_only_when_its_own_settings_change(demo_run, tmp_path):
     train.write_text("train:\n  temperature: 0.3\n")
     assert set(planned_jobs(results, train)) == {"step_config", "train_encoder", "embed_shard", "cluster_embeddings",
                                                   "export_classes", "score_demo"}
+    # the number of classes: its own count check, the clustering and what follows; not the check,
+    # sharding, preprocessing or training
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("classes: 3\n")
+    assert set(planned_jobs(results, classes)) == {"step_config", "check_classes", "cluster_embeddings",
+                                                    "export_classes", "score_demo"}
+    # the CTF correction: preprocessing and what follows; not the simulation, check or sharding
+    ctf = tmp_path / "ctf.yaml"
+    ctf.write_text("preprocess:\n  ctf: wiener\n")
+    assert set(planned_jobs(results, ctf)) == {"step_config", "preprocess_shard", "embed_shard", "train_encoder",
+                                                "cluster_embeddings", "export_classes", "score_demo"}

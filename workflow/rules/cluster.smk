@@ -7,6 +7,7 @@ rule cluster_embeddings:
         stars=per_shard(f"{R}/shards/shard_{{shard}}.star"),
         images=per_shard(f"{R}/preprocessed/shard_{{shard}}.npy"),
         config=step_config("cluster"),
+        classes=rules.check_classes.output[0],
     output:
         labels=f"{R}/clusters/labels.npy",
         assignments=f"{R}/clusters/assignments.npz",

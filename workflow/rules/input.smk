@@ -45,15 +45,37 @@ rule check_particles:
     params:
         root=root_option(),
         ctf="--no-ctf" if config["preprocess"]["ctf"] == "none" else "",
-        classes=config["classes"],
         exclude=(
             f"--exclude-bad {shlex.quote(CHECKED['checked'])} --excluded-list {shlex.quote(CHECKED['excluded'])}"
             if CHECKED
             else ""
         ),
     shell:
-        "clcluster check {input.star:q} {params.root} {params.ctf} --classes {params.classes:q} {params.exclude} "
+        "clcluster check {input.star:q} {params.root} {params.ctf} {params.exclude} "
         "> {output.report:q} 2> {log:q} || (cat {output.report:q} >&2; exit 1)"
+
+
+# The number of classes is checked by a rule of its own, so that changing `classes` reruns this
+# cheap count, the clustering and what follows, but not the check, sharding, preprocessing or
+# training. Its high priority runs it as soon as the particles are checked, before any training.
+rule check_classes:
+    """Enough particles (after the check's selection) for `classes` classes."""
+    input:
+        star=particles_file(),
+        check=rules.check_particles.output.report,
+    output:
+        f"{R}/check/classes.txt",
+    log:
+        f"{R}/logs/check_classes.log",
+    priority: 50
+    localrule: True
+    conda:
+        ENV
+    params:
+        classes=config["classes"],
+    shell:
+        "clcluster check {input.star:q} --classes {params.classes:q} --count-only "
+        "> {output:q} 2> {log:q} || (cat {output:q} >&2; exit 1)"
 
 
 checkpoint shard_particles:

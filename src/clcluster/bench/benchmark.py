@@ -27,7 +27,7 @@ import pandas as pd
 
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.core.metrics import scores
-from clcluster.core.rng import SEED_ARI, restart_key, stream_seed
+from clcluster.core.rng import SEED_ARI, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,14 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
     with the highest final log-likelihood kept, as the default keeps its restarts; one start
     and no split-and-merge above `cluster.refine_guards_max_k` classes, as the default."""
     from clcluster.em.align import PolarCache, PolarGrid
+    from clcluster.em.restarts import best_restart, random_partition
     from clcluster.steps.cluster import ClusterConfig, chain_objective, refine_chain, refine_restarts
 
     cc = ClusterConfig.from_dict(run_cfg["cluster"])
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
-    best = None
-    for r in range(refine_restarts(k, cc)):
-        chain = refine_chain(cache, images, np.random.default_rng(restart_key(seed, r)).integers(0, k, len(images)), None, k, cc, seed, r)
-        if best is None or chain_objective(*chain) > chain_objective(*best):
-            best = chain
-    res, ml = best
+    res, ml = best_restart(lambda r: refine_chain(cache, images, random_partition(seed, r, k, len(images)), None, k, cc,
+                                                  seed, r),
+                           refine_restarts(k, cc), lambda chain: chain_objective(*chain))
     return ml.labels if ml is not None else res.alignment.labels
 
 

@@ -58,12 +58,14 @@ def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_
     """The export's automatic class selection on preprocessed images (n, D, D) at `apix` Å/px:
     reference-free alignment within each class (from the classifier's poses where given and
     `export.start_from_cluster_pose`, as the export does), aligned means and half-set averages,
-    FRC resolution, `class_quality`. The poses come from `images`; the averages are taken of
+    FRC resolution, `class_quality` (FRC, size and coherence criteria), then the particles of
+    junk-suggested classes that `rescue_particles` keeps. The poses come from `images`; the averages are taken of
     `average_images` where given (the export averages the original images, not whitened ones);
     `stability` (k,): the cluster step's per-class seed stability, used as the export uses it
     (`export.add_stability`, export.min_stability).
     -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
-    from clcluster.em.averages import aligned_means, class_quality, half_set_resolution, refine_class_poses, split_halves
+    from clcluster.em.averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses,
+                                       rescue_particles, split_halves)
     from clcluster.steps.export import ExportConfig, add_stability
 
     ec = ExportConfig.from_dict(export_cfg)
@@ -81,9 +83,14 @@ def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_
     res_A, _ = half_set_resolution(half, apix, ec.frc_threshold)
     counts = np.bincount(labels, minlength=k)
     res_A = np.where(counts >= 2, res_A, np.nan)
-    q = class_quality(labels, k, res_A, None, None, poses.score, ec.junk_resolution_A, ec.min_class_fraction)
+    q = class_quality(labels, k, res_A, None, None, poses.score, ec.junk_resolution_A, ec.min_class_fraction,
+                      min_coherence_z=ec.min_coherence_z)
     q = add_stability(q, stability, ec.min_stability)
-    kept = np.isin(labels + 1, q.loc[q["selected"], "class"].to_numpy())
+    kept = q["selected"].to_numpy()[labels]
+    if ec.rescue_quantile > 0 and not ec.select:
+        kept = rescue_particles(images, labels, q["selected"].to_numpy(), poses.angle_deg, poses.shift_px, ec.rescue_quantile,
+                                n_angles=ec.align_angles, max_shift_px=ec.align_max_shift_px, batch_size=ec.batch_size,
+                                cache_mb=ec.cache_mb).kept
     return kept, avgs, q
 
 

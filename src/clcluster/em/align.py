@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clcluster.core.rng import SPLIT_MERGE_OFFSET
+from clcluster.image.polar import grid_sample_coordinates, linear_radii, polar_coordinates
 
 # An EM pass that changes fewer than this fraction of the labels has converged (0.2 %: the
 # labels of a few particles in a thousand flip back and forth between passes).
@@ -59,13 +60,9 @@ class PolarGrid:
 
     def grid(self, device) -> torch.Tensor:
         """grid_sample grid (1, S*R, A, 2)."""
-        r = torch.linspace(self.r_min, self.r_max, self.n_radii)[:, None]
-        t = torch.arange(self.n_angles, dtype=torch.float32)[None, :] * (2 * math.pi / self.n_angles)
-        c = self.box // 2
-        off = torch.from_numpy(self.offsets)
-        x = c + off[:, 0, None, None] + r * torch.cos(t)
-        y = c + off[:, 1, None, None] + r * torch.sin(t)
-        g = torch.stack([2 * x / (self.box - 1) - 1, 2 * y / (self.box - 1) - 1], dim=-1)
+        r = linear_radii(self.r_min, self.r_max, self.n_radii, torch)
+        x, y = polar_coordinates(self.box, r, self.n_angles, torch.from_numpy(self.offsets), xp=torch)
+        g = grid_sample_coordinates(x, y, self.box, torch)
         return g.reshape(1, self.n_shifts * self.n_radii, self.n_angles, 2).to(device)
 
     def radial_weight(self, device) -> torch.Tensor:
@@ -97,6 +94,12 @@ def rotational_correlation(pf: torch.Tensor, qf: torch.Tensor, n_angles: int, pe
     else:
         prod = torch.einsum("nsrf,krf->nskf", pf, qf.conj())
     return torch.fft.irfft(prod, n=n_angles, dim=-1)
+
+
+def repeated_candidates(cand: torch.Tensor) -> torch.Tensor:
+    """(n, c) bool: True where a particle's candidate class cand (n, c) already appears earlier
+    in its list (such entries get posterior 0 in the E-steps, so a class counts once)."""
+    return (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)
 
 
 @dataclasses.dataclass
@@ -223,8 +226,7 @@ def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.n
         kk = corr.shape[2]
         prior = log_prior[cand] if cand is not None else log_prior[None].expand(b, -1)  # (b, kk)
         if cand is not None:  # a class listed twice for a particle counts once
-            dup = ((cand[:, :, None] == cand[:, None, :]) & torch.ones(kk, kk, dtype=torch.bool, device=cand.device).tril(-1)).any(-1)
-            prior = prior.masked_fill(dup, float("-inf"))
+            prior = prior.masked_fill(repeated_candidates(cand), float("-inf"))
         logits = beta * corr + prior[:, None, :, None]
         flat = logits.reshape(b, -1)
         resp = torch.softmax(flat, dim=1).reshape(corr.shape)  # (b, S, kk, A)
@@ -533,11 +535,8 @@ class PolarScanner:
         self.shifts = np.asarray(sh, dtype=np.float32).reshape(-1, 2)  # (S, 2) = (dx, dy) px
         self.n_shifts = len(self.shifts)
         self.shift_d2 = (self.shifts.astype(np.float64) ** 2).sum(1)  # (S,) squared shift lengths, px^2
-        theta = torch.arange(self.n_rot, dtype=torch.float64) * (2 * math.pi / self.n_rot)
-        c = box // 2
-        xs = c + torch.from_numpy(self.shifts[:, 0]).double()[:, None, None] + self.radii[None, :, None] * torch.cos(theta)
-        ys = c + torch.from_numpy(self.shifts[:, 1]).double()[:, None, None] + self.radii[None, :, None] * torch.sin(theta)
-        grid = torch.stack([xs, ys], dim=-1) * (2.0 / (box - 1)) - 1.0  # (S, Nr, Na, 2), align_corners=True
+        xs, ys = polar_coordinates(box, self.radii, self.n_rot, torch.from_numpy(self.shifts).double(), xp=torch)
+        grid = grid_sample_coordinates(xs, ys, box, torch, scale_first=True)  # (S, Nr, Na, 2), align_corners=True
         self.grid = grid.reshape(1, self.n_shifts * self.n_radii, self.n_rot, 2).to(torch.float32).to(self.device)
         self.n_freq = self.n_rot // 2 + 1
 

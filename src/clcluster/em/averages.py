@@ -25,7 +25,7 @@ import torch
 
 from clcluster.em.align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
 from clcluster.image.ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
-from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background
+from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background, radial_shells
 from clcluster.io.mrc import read_images
 from clcluster.core.rng import HALF_SETS_OFFSET
 
@@ -61,19 +61,12 @@ class ClassPoses:
 SPECTRUM_IMAGES = 2000
 
 
-def _shells(box: int) -> np.ndarray:
-    """Integer radial shell (0 … box//2) of every rFFT coefficient of a (box, box) image."""
-    fy = np.fft.fftfreq(box)[:, None]
-    fx = np.fft.rfftfreq(box)[None, :]
-    return np.minimum(np.rint(np.sqrt(fx ** 2 + fy ** 2) * box).astype(np.int64), box // 2)
-
-
 def whitening_filter(images, n_images: int = SPECTRUM_IMAGES, batch: int = 1024) -> np.ndarray:
     """rFFT filter (box, box//2+1) float32 that whitens images (n, box, box): 1/sqrt of the radial
     power spectrum of the first n_images (mostly noise at low SNR), normalised to mean 1 over the
     coefficients, DC set to 0."""
     box = images.shape[-1]
-    shell = _shells(box)
+    shell = radial_shells(box)
     sums = np.zeros(box // 2 + 1)
     count = 0
     for s in range(0, min(len(images), n_images), batch):
@@ -142,13 +135,7 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     if starts > 1 and angle_deg is None:
         runs = [refine_class_poses(images, labels, k, None, None, iterations, n_angles, max_shift_px, device, batch_size,
                                    seed + r, cache_mb, whiten, centre, mask_radius) for r in range(starts)]
-        counts = np.maximum(np.bincount(labels, minlength=k), 1)
-        mean_score = np.stack([np.bincount(labels, weights=cp.score, minlength=k) / counts for cp in runs])
-        pick = mean_score.argmax(axis=0)[labels]  # (n,) run kept for each particle's class
-        rows = np.arange(len(labels))
-        return ClassPoses(np.stack([cp.angle_deg for cp in runs])[pick, rows],
-                          np.stack([cp.shift_px for cp in runs])[pick, rows],
-                          np.stack([cp.score for cp in runs])[pick, rows], runs[0].history)
+        return best_run_per_class(runs, labels, k)
     box = images.shape[-1]
     cartesian = whiten or centre or mask_radius > 0
     if whiten:
@@ -169,9 +156,7 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     if angle_deg is not None:
         refs = polar_refs(angle_deg, shift_px)
     else:
-        refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, n_angles).clone()
-        g = torch.Generator().manual_seed(seed)
-        refs = refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+        refs = _rotational_start(cache, labels, k, seed)
     candidates = labels[:, None]
     history = []
     res = None
@@ -181,6 +166,68 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
         log.info("class-average alignment iteration %d: mean NCC with own class %.4f", it + 1, history[-1])
         refs = polar_refs(res.angle_deg, res.shift_px) if cartesian and it + 1 < iterations else new_refs
     return ClassPoses(res.angle_deg.astype(np.float64), res.shift_px.astype(np.float64), res.score, history)
+
+
+@dataclasses.dataclass
+class Rescue:
+    kept: np.ndarray  # (n,) bool: in a selected class, or rescued from a junk-suggested one
+    matched_class: np.ndarray  # (n,) 0-based selected class each particle matches best (-1: not compared)
+    score: np.ndarray  # (n,) NCC with that class's average (NaN: not compared)
+    threshold: float  # NCC a rescued particle reached at least
+
+
+def rescue_particles(images, labels: np.ndarray, selected: np.ndarray, angle_deg, shift_px, quantile: float,
+                     n_angles: int = 128, max_shift_px: int = 2, device: str = "cpu", batch_size: int = 512,
+                     cache_mb: float = 1000) -> Rescue:
+    """Particles of junk-suggested classes that look like a selected class.
+
+    A junk class collects what fits no view (empty ice, carbon edges, blobs) but also good
+    particles that fitted no class well. Every particle (n, D, D working box) is aligned (all
+    n_angles rotations, integer shifts within max_shift_px) to the aligned means of the selected
+    classes (selected (K,) bool; poses angle_deg (n,) degrees, shift_px (n, 2) px in the class
+    frame); a particle of a junk class is rescued when its best NCC reaches the `quantile` of the
+    selected classes' own members' best NCC (so at most about that fraction of the kept members
+    would fail the same test). quantile <= 0, no selected class or no junk class: nothing rescued."""
+    labels = np.asarray(labels, dtype=np.int64)
+    selected = np.asarray(selected, dtype=bool)
+    member = selected[labels]
+    n = len(labels)
+    none = Rescue(member.copy(), np.full(n, -1), np.full(n, np.nan), float("nan"))
+    if quantile <= 0 or not selected.any() or member.all():
+        return none
+    box = images.shape[-1]
+    sel = np.flatnonzero(selected)
+    means = aligned_means(images, labels, len(selected), angle_deg, shift_px, batch_size)[sel]
+    pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
+    cache = PolarCache(images, pg, device=device, batch_size=batch_size, max_bytes=cache_mb * 1e6)
+    centre_offset = int(np.argmin(np.abs(pg.offsets).sum(1)))
+    refs = polar_transform(torch.as_tensor(means, device=cache.device), pg, cache.grid)[:, centre_offset]
+    res, _, _ = align_all(cache, refs, None, accumulate=False)
+    threshold = float(np.quantile(res.score[member], quantile))
+    kept = member | (res.score >= threshold)
+    log.info("rescued %d of %d particles of junk-suggested classes (NCC with a selected class >= %.4f, the %g "
+             "quantile of the selected members')", int((kept & ~member).sum()), int((~member).sum()), threshold, quantile)
+    return Rescue(kept, sel[res.labels], res.score.astype(np.float64), threshold)
+
+
+def _rotational_start(cache: PolarCache, labels: np.ndarray, k: int, seed: int) -> torch.Tensor:
+    """Starting polar references (K, R, A): each class's rotationally averaged polar mean plus
+    a faint random perturbation (5 % of its std; seeded) that breaks the rotational symmetry."""
+    refs = class_polar_means(cache, labels, k).mean(dim=-1, keepdim=True).expand(-1, -1, cache.pg.n_angles).clone()
+    g = torch.Generator().manual_seed(seed)
+    return refs + 0.05 * refs.std() * torch.randn(refs.shape, generator=g).to(refs.device)
+
+
+def best_run_per_class(runs: list[ClassPoses], labels: np.ndarray, k: int) -> ClassPoses:
+    """The poses of each class from the run whose mean NCC over the class's members is highest
+    (labels (n,) 0-based; `history` of the first run)."""
+    counts = np.maximum(np.bincount(labels, minlength=k), 1)
+    mean_score = np.stack([np.bincount(labels, weights=cp.score, minlength=k) / counts for cp in runs])
+    pick = mean_score.argmax(axis=0)[labels]  # (n,) run kept for each particle's class
+    rows = np.arange(len(labels))
+    return ClassPoses(np.stack([cp.angle_deg for cp in runs])[pick, rows],
+                      np.stack([cp.shift_px for cp in runs])[pick, rows],
+                      np.stack([cp.score for cp in runs])[pick, rows], runs[0].history)
 
 
 def relion_pose(angle_deg, shift_px, apix_A: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,6 +258,43 @@ class WienerAverages:
     counts: np.ndarray  # (k,)
 
 
+def _average_pixel_size(table) -> float:
+    """The median pixel size (Å/px) of the particles (a warning when they differ)."""
+    apix_all = table.pixel_size()
+    apix = float(np.median(apix_all))
+    if not np.allclose(apix_all, apix, rtol=1e-3):
+        log.warning("particles have several pixel sizes (%s Å/px); averaging at %.4f Å/px",
+                    np.unique(apix_all)[:5], apix)
+    return apix
+
+
+def _ctf_weighted(x: np.ndarray, p: CTFParams | None, states, angle_deg: np.ndarray, apix: float):
+    """(images x CTF (n, D, D), CTF^2 in the class frame (n, D, D//2+1)) of a batch of
+    normalised images x: the CTF applied to bring every input state to CTF x raw image, and the
+    CTF rotated with the particle (astigmatism angle + angle_deg, degrees). Without CTF
+    parameters p: x unchanged and CTF^2 = 1."""
+    box = x.shape[-1]
+    if p is None:
+        return x, np.ones((len(x), box, box // 2 + 1))
+    c = to_ctf_weighted(ctf_2d(p, box, apix), states)  # CTF x raw image, whatever the input state
+    x = np.fft.irfft2(np.fft.rfft2(x) * c, s=(box, box)).astype(np.float32)
+    # the CTF seen in the class frame: rotated with the particle (astigmatism angle + a)
+    p_ref = dataclasses.replace(p, defocus_angle=np.asarray(p.defocus_angle, dtype=np.float64) + angle_deg)
+    return x, ctf_2d(p_ref, box, apix).astype(np.float64) ** 2
+
+
+def _wiener_solve(num: np.ndarray, den: np.ndarray, k: int, snr: float, apix: float, labels: np.ndarray) -> WienerAverages:
+    """Averages sum CTF_i X_i / (sum CTF_i^2 + 1/snr) from the sums num, den (2K, D, D//2+1)
+    of the two half sets (rows half x K + class)."""
+    box = num.shape[1]
+    reg = 1.0 / snr
+    num = num.reshape(2, k, box, box // 2 + 1)
+    den = den.reshape(2, k, box, box // 2 + 1)
+    full = np.fft.irfft2(num.sum(0) / (den.sum(0) + reg), s=(box, box)).astype(np.float32)
+    hv = np.fft.irfft2(num / (den + reg), s=(box, box)).astype(np.float32)
+    return WienerAverages(full, hv, apix, np.bincount(labels, minlength=k))
+
+
 def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px, *, snr: float = 1.0,
                           halves: np.ndarray | None = None, batch_size: int = 256, ctf: bool = True) -> WienerAverages:
     """CTF-aware class averages from the particles' ORIGINAL images (read through
@@ -229,51 +313,32 @@ def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     halves = np.zeros(n, np.int64) if halves is None else np.asarray(halves, dtype=np.int64)
-    apix_all = table.pixel_size()
-    apix = float(np.median(apix_all))
-    if not np.allclose(apix_all, apix, rtol=1e-3):
-        log.warning("particles have several pixel sizes (%s Å/px); averaging at %.4f Å/px",
-                    np.unique(apix_all)[:5], apix)
+    apix = _average_pixel_size(table)
     params = CTFParams.from_table(table) if (ctf and has_ctf(table)) else None
     states = ctf_states(table)
     paths, idx = table.image_refs()
     whole = table.whole_file_rows()
     names = table.particles["rlnImageName"].astype(str).to_numpy() if "rlnImageName" in table.particles else None
     num = den = None
-    box = None
     for s in range(0, n, batch_size):
         rows = np.arange(s, min(n, s + batch_size))
         x = read_images([paths[i] for i in rows], idx[rows], None if names is None else names[rows], whole[rows])
-        if box is None:
-            box = x.shape[-1]
+        box = x.shape[-1]
+        if num is None:
             num = np.zeros((2 * k, box, box // 2 + 1), np.complex128)
             den = np.zeros((2 * k, box, box // 2 + 1), np.float64)
         x = normalise_background(x, 0.375 * box)
         a = np.asarray(angle_deg, dtype=np.float64)[rows]
-        if params is not None:
-            p = params.subset(rows)
-            c = to_ctf_weighted(ctf_2d(p, box, apix), states[rows])  # CTF x raw image, whatever the input state
-            x = np.fft.irfft2(np.fft.rfft2(x) * c, s=(box, box)).astype(np.float32)
-            # the CTF seen in the class frame: rotated with the particle (astigmatism angle + a)
-            p_ref = dataclasses.replace(p, defocus_angle=np.asarray(p.defocus_angle, dtype=np.float64) + a)
-            c2 = ctf_2d(p_ref, box, apix).astype(np.float64) ** 2
-        else:
-            c2 = np.ones((len(rows), box, box // 2 + 1))
-        xr = to_reference_frame(x, a, np.asarray(shift_px, dtype=np.float64)[rows])
-        f = np.fft.rfft2(xr)
+        x, c2 = _ctf_weighted(x, None if params is None else params.subset(rows), states[rows], a, apix)
+        f = np.fft.rfft2(to_reference_frame(x, a, np.asarray(shift_px, dtype=np.float64)[rows]))
         key = halves[rows] * k + labels[rows]
         for j in np.unique(key):
             sel = key == j
             num[j] += f[sel].sum(axis=0)
             den[j] += c2[sel].sum(axis=0)
-    if box is None:
+    if num is None:
         raise ValueError("no particles to average")
-    reg = 1.0 / snr
-    num = num.reshape(2, k, box, box // 2 + 1)
-    den = den.reshape(2, k, box, box // 2 + 1)
-    full = np.fft.irfft2(num.sum(0) / (den.sum(0) + reg), s=(box, box)).astype(np.float32)
-    hv = np.fft.irfft2(num / (den + reg), s=(box, box)).astype(np.float32)
-    return WienerAverages(full, hv, apix, np.bincount(labels, minlength=k))
+    return _wiener_solve(num, den, k, snr, apix, labels)
 
 
 # ---- resolution -------------------------------------------------------------------------------------
@@ -338,14 +403,40 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 # ---- quality and ranking -----------------------------------------------------------------------------
+# robust z-scores need a spread: at least this many non-empty classes, and a MAD floor (in NCC units)
+MIN_CLASSES_FOR_COHERENCE = 5
+MIN_NCC_SPREAD = 1e-3
+
+
+def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Robust z-score (K,) of each class's mean particle-to-average NCC against the other classes:
+    (mean_ncc - median) / (1.4826 MAD) over the non-empty classes (NaN for empty classes, and for
+    all when fewer than MIN_CLASSES_FOR_COHERENCE classes have members). A class far below the
+    others holds particles that do not resemble their own average: junk gathered in a catch-all
+    class (empty ice, carbon edges, blobs), which a half-set FRC ranks high because both halves
+    are aligned to the same average."""
+    m = np.asarray(mean_ncc, dtype=np.float64)
+    ok = (np.asarray(counts) > 0) & np.isfinite(m)
+    z = np.full(len(m), np.nan)
+    if ok.sum() < MIN_CLASSES_FOR_COHERENCE:
+        return z
+    med = np.median(m[ok])
+    spread = max(1.4826 * np.median(np.abs(m[ok] - med)), MIN_NCC_SPREAD)
+    z[ok] = (m[ok] - med) / spread
+    return z
+
+
 def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance=None, margin=None, score=None,
-                  junk_resolution_A: float = 25.0, min_class_fraction: float = 0.01, select=None) -> pd.DataFrame:
+                  junk_resolution_A: float = 0.0, min_class_fraction: float = 0.01, select=None,
+                  min_coherence_z: float | None = None) -> pd.DataFrame:
     """One row per class (1-based `class`): size, fraction, resolution (Å), mean particle-to-
     centroid distance and margin, mean NCC with the average; `rank` (1 = best: finest
-    resolution, then largest), automatic `suggestion` (junk when coarser than
-    junk_resolution_A or smaller than min_class_fraction of the particles, else good) and
+    resolution, then largest), automatic `suggestion` (junk when smaller than
+    min_class_fraction of the particles or, with junk_resolution_A > 0, coarser than that;
+    else good) and
     `selected` (the user's list `select` when given, else the suggestion; never empty: the best
-    ranked class is kept when nothing else is)."""
+    ranked class is kept when nothing else is). `coherence_z`: `coherence_z` of the mean NCC; with
+    `min_coherence_z` (a number, e.g. -3) classes below it are also suggested as junk."""
     labels = np.asarray(labels)
     n = max(len(labels), 1)
     counts = np.bincount(labels, minlength=k)
@@ -367,7 +458,12 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     rank = np.empty(k, np.int64)
     rank[order] = np.arange(1, k + 1)
     q["rank"] = rank
-    junk = (q["resolution_A"].fillna(np.inf) > junk_resolution_A) | (q["fraction"] < min_class_fraction) | (counts == 0)
+    q["coherence_z"] = coherence_z(q["mean_ncc"].to_numpy(), counts)
+    junk = (q["fraction"] < min_class_fraction) | (counts == 0)
+    if junk_resolution_A > 0:
+        junk |= q["resolution_A"].fillna(np.inf) > junk_resolution_A
+    if min_coherence_z is not None:
+        junk |= q["coherence_z"].fillna(np.inf).to_numpy() < min_coherence_z
     q["suggestion"] = np.where(junk, "junk", "good")
     if select:
         bad = [c for c in select if not 1 <= int(c) <= k]
@@ -378,7 +474,8 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
         q["selected"] = ~junk
     if not q["selected"].any() and counts.any():
         best = int(order[0])
-        log.warning("no class passes the automatic selection (resolution <= %g Å, fraction >= %g); keeping the "
-                    "best-ranked class %d only", junk_resolution_A, min_class_fraction, best + 1)
+        log.warning("no class passes the automatic selection (fraction >= %g, resolution <= %g Å where > 0, coherence "
+                    "z >= %s); keeping the best-ranked class %d only", min_class_fraction, junk_resolution_A,
+                    min_coherence_z, best + 1)
         q.loc[best, "selected"] = True
     return q

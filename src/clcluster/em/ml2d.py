@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from clcluster.em.align import PolarScanner, to_reference_frame
+from clcluster.em.align import PolarScanner, repeated_candidates, to_reference_frame
 from clcluster.core.rng import POLISH
 
-__all__ = ["ML2DResult", "classify", "ml2d", "polish"]
+__all__ = ["ML2D", "ML2DResult", "classify", "ml2d", "polish"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def _posterior_sparse(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, 
     w = w.permute(2, 0, 1, 3, 4).reshape(b, m, 2 * nr, 2 * c)
     z = torch.view_as_complex(torch.matmul(p, w).view(b, m, S, c, 2))  # (b, M, S, c)
     Lp = torch.fft.irfft(z, n=na, dim=1).permute(0, 2, 3, 1).contiguous()  # (b, S, c, Na)
-    dup = (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)  # (b, c)
+    dup = repeated_candidates(cand)  # (b, c)
     Lp += (bias[:, cand].permute(1, 0, 2).masked_fill(dup[:, None, :], -torch.inf))[..., None]
     return _normalise(Lp, drop=dup)
 
@@ -156,11 +157,168 @@ def _map_pose(Lp: torch.Tensor, labels: torch.Tensor, na: int):
     return flat // na, flat % na
 
 
+@dataclasses.dataclass
+class ImageData:
+    """What EM iterates over: the images' polar spectra, batch by batch (`spec(j)` for batch
+    slices[j]), ||x_i||^2 over the whole box (n,) float64, pixels per image, and the candidate
+    classes (n, c) of a truncated E-step (None: all K)."""
+
+    slices: list
+    spec: Callable[[int], torch.Tensor]
+    xx: torch.Tensor
+    npix: int
+    candidates: torch.Tensor | None
+
+    @property
+    def n(self) -> int:
+        return self.xx.shape[0]
+
+
+@dataclasses.dataclass
+class EStep:
+    """One E-step over all images: the M-step's sums (num (M, K, Nr) posterior-weighted image
+    spectra in the reference frames, nk (K,) class weights, gs (S,) shift weights), the
+    log-likelihood (nats), and per image the most probable class (n,), rotation and shift
+    indices within it (n,), and the class posteriors (n, K)."""
+
+    num: torch.Tensor
+    nk: torch.Tensor
+    gs: torch.Tensor
+    log_likelihood: float
+    labels: np.ndarray
+    rot_i: np.ndarray
+    sh_i: np.ndarray
+    class_probability: np.ndarray
+
+
+class ML2D:
+    """The ML2D model (see the module docstring) on a polar scanner: references q (M, K, Nr)
+    as angular spectra, class priors alpha (K,), noise variance sigma2 (image units^2) and the
+    shift prior's width tau (px). `fit` alternates `e_step` and `m_step`."""
+
+    def __init__(self, scan: PolarScanner, k: int, shift_prior: str = "gaussian", max_shift: float = 3):
+        self.scan, self.k, self.shift_prior, self.max_shift = scan, k, shift_prior, max_shift
+        self.q = self.alpha = self.sigma2 = self.tau = None
+
+    def start(self, references: np.ndarray, sigma2: float) -> ML2D:
+        """Initial state: Cartesian references (K, D, D), equal class priors, noise variance
+        sigma2, shift prior as wide as the search."""
+        self.q = self.scan.reference_spectrum(references)  # (M, K, Nr)
+        self.alpha = np.full(self.k, 1.0 / self.k)
+        self.sigma2 = sigma2
+        self.tau = max(float(self.max_shift), 0.5)
+        return self
+
+    def e_step(self, data: ImageData) -> EStep:
+        """Posteriors over shift x class x rotation of every image, batch by batch, and the sums the M-step needs."""
+        scan, k, dev = self.scan, self.k, self.q.device
+        wq, bias = _score_terms(scan, self.q, self.alpha, self.sigma2,
+                                _log_shift_prior(scan.shift_d2, self.tau, self.shift_prior))
+        n = data.n
+        st = EStep(num=torch.zeros_like(self.q), nk=torch.zeros(k, dtype=torch.float64, device=dev),
+                   gs=torch.zeros(scan.n_shifts, dtype=torch.float64, device=dev), log_likelihood=0.0,
+                   labels=np.empty(n, np.int64), rot_i=np.empty(n, np.int64), sh_i=np.empty(n, np.int64),
+                   class_probability=np.empty((n, k), np.float32))
+        ll = 0.0
+        for j, sl in enumerate(data.slices):
+            if data.candidates is None:
+                g0, cls_post, lb, evidence = self._batch(data.spec(j), wq, bias, sl, st)
+            else:
+                g0, cls_post, lb, evidence = self._batch_candidates(data.spec(j), wq, bias, data.candidates[sl], sl, st)
+            ll += float(evidence.double().sum())
+            st.nk += cls_post.double().sum(0)
+            st.gs += g0.sum(dim=(0, 2)).double()
+            st.class_probability[sl] = cls_post.cpu().numpy()
+            st.labels[sl] = lb.cpu().numpy()
+        st.log_likelihood = ll + float(-(data.xx.sum()) / (2 * self.sigma2)
+                                       - n * (data.npix / 2) * math.log(2 * math.pi * self.sigma2)
+                                       - n * math.log(scan.n_rot))
+        return st
+
+    def _batch(self, spec, wq, bias, sl: slice, st: EStep):
+        """E-step of one batch over all K classes; adds its back-projection to st.num."""
+        scan, b = self.scan, sl.stop - sl.start
+        Lp, g0, evidence = _posterior(scan, spec, wq, bias, b, self.k)  # gamma of (shift, class, rotation)
+        cls_post = g0.sum(1)  # (b, K)
+        lb = cls_post.argmax(1)
+        st.sh_i[sl], st.rot_i[sl] = _map_pose(Lp, lb, scan.n_rot)
+        st.num += scan.back_project(Lp.view(b * scan.n_shifts, self.k, scan.n_rot).permute(2, 0, 1), spec)
+        return g0, cls_post, lb, evidence
+
+    def _batch_candidates(self, spec, wq, bias, cand, sl: slice, st: EStep):
+        """E-step of one batch over each image's candidate classes cand (b, c) (truncated)."""
+        b = sl.stop - sl.start
+        Lp, g0, evidence = _posterior_sparse(self.scan, spec, wq, bias, cand)
+        local = g0.sum(1)  # (b, c)
+        li = local.argmax(1)
+        st.sh_i[sl], st.rot_i[sl] = _map_pose(Lp, li, self.scan.n_rot)
+        _back_project_sparse(self.scan, Lp, spec, cand, st.num)
+        cls_post = torch.zeros(b, self.k, dtype=local.dtype, device=local.device).scatter_add_(1, cand, local)
+        return g0, cls_post, cand.gather(1, li[:, None])[:, 0], evidence
+
+    def m_step(self, st: EStep, data: ImageData) -> None:
+        """New references (posterior-weighted averages; an empty class is set to 0), class
+        priors, noise variance and (Gaussian prior) shift prior width from an E-step's sums."""
+        n, nk = data.n, st.nk
+        self.alpha = np.maximum(nk.cpu().numpy() / n, 0.0)
+        safe = torch.clamp(nk, min=1e-12).to(st.num.real.dtype)
+        q = st.num / safe[None, :, None]
+        q[:, nk <= 1e-12] = 0
+        self.q = q
+        qq_new = self.scan.weighted_norm2(q).double()
+        self.sigma2 = max(float((data.xx.sum() - (nk * qq_new).sum()) / (n * data.npix)), 1e-12)
+        if self.shift_prior == "gaussian":
+            self.tau = _fit_offset_sigma(st.gs.cpu().numpy(), self.scan.shift_d2, 0.2, 10 * max(self.max_shift, 1),
+                                         self.tau)
+
+    def fit(self, data: ImageData, max_iter: int, tol: float, verbose: bool = False, start: int = 0):
+        """EM until max_iter M-steps or a relative log-likelihood change <= tol. Returns
+        (log-likelihood per E-step, M-steps done, the last E-step)."""
+        history, it = [], 0
+        while True:
+            st = self.e_step(data)
+            history.append(st.log_likelihood)
+            if verbose:
+                print(f"ml2d start {start} it {it} LL {history[-1]:.6e} sigma {math.sqrt(self.sigma2):.4f} "
+                      f"tau {self.tau:.3f}")
+            if it >= max_iter or (len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1])):
+                return history, it, st
+            self.m_step(st, data)
+            it += 1
+
+    def result(self, st: EStep, history: list, n_iter: int) -> dict:
+        """The fields of an ML2DResult (but start_log_likelihoods) for the current state and its last E-step."""
+        scan, gaussian = self.scan, self.shift_prior == "gaussian"
+        return dict(labels=st.labels, references=scan.to_cartesian(self.q), log_likelihood_history=history,
+                    log_likelihood=history[-1], alpha=self.alpha, sigma=math.sqrt(self.sigma2),
+                    rotation_deg=scan.rotation_deg(st.rot_i), shift=scan.shift_px(st.sh_i),
+                    class_probability=st.class_probability, offset_sigma=self.tau if gaussian else None,
+                    n_iter=n_iter, model=dict(scan=scan, q=self.q, alpha=self.alpha, sigma2=self.sigma2, tau=self.tau,
+                                              shift_prior=self.shift_prior))
+
+
+def image_data(x: torch.Tensor, scan: PolarScanner, k: int, candidates, batch_size: int | None,
+                cache_bytes: float) -> ImageData:
+    """The EM's view of images x (n, D, D) on the device: batches, polar spectra (kept in
+    memory when they fit in cache_bytes, else recomputed each E-step), ||x||^2, candidates."""
+    n, box = x.shape[0], x.shape[-1]
+    cand_all = None if candidates is None else torch.as_tensor(np.asarray(candidates, dtype=np.int64), device=x.device)
+    if cand_all is not None and (cand_all.shape[0] != n or cand_all.min() < 0 or cand_all.max() >= k):
+        raise ValueError(f"candidates must be (n={n}, c) class indices in [0, {k})")
+    slices = scan.batches(n, k if cand_all is None else cand_all.shape[1], batch_size)
+    xx = x.double().pow(2).sum((1, 2))  # (n,) ||x_i||^2 over the whole box
+    spec_bytes = n * scan.n_shifts * scan.n_radii * scan.n_freq * 8
+    cache = [scan.transform(x[sl]) for sl in slices] if spec_bytes <= cache_bytes else None
+    spec = (lambda j: cache[j]) if cache is not None else (lambda j: scan.transform(x[slices[j]]))
+    return ImageData(slices, spec, xx, box * box, cand_all)
+
+
 def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_starts: int = 3, max_iter: int = 25,
          tol: float = 1e-5, seed: int = 0, device="cpu", batch_size: int | None = None,
          shift_prior: str = "gaussian", r_max: float | None = None, n_radii: int | None = None,
          init_references=None, cache_bytes: float = 1.5e9, candidates=None, verbose: bool = False) -> ML2DResult:
-    """ML2D classification of images (n, D, D) into k classes.
+    """ML2D classification of images (n, D, D) into k classes (the `ML2D` model, fitted from
+    one or more starts).
 
     n_rotations: in-plane rotation steps over 360 degrees; max_shift: translation search radius
     (px, integer grid); shift_prior: "gaussian" (width fitted in the M-step, as Xmipp) or
@@ -183,18 +341,7 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
     if k < 1 or k > n:
         raise ValueError(f"k={k} must be between 1 and the number of images ({n})")
     scan = PolarScanner(box, n_rotations, max_shift, r_max, n_radii, dev)
-    na, S = scan.n_rot, scan.n_shifts
-    cand_all = None if candidates is None else torch.as_tensor(np.asarray(candidates, dtype=np.int64), device=dev)
-    if cand_all is not None and (cand_all.shape[0] != n or cand_all.min() < 0 or cand_all.max() >= k):
-        raise ValueError(f"candidates must be (n={n}, c) class indices in [0, {k})")
-    slices = scan.batches(n, k if cand_all is None else cand_all.shape[1], batch_size)
-    xx = x.double().pow(2).sum((1, 2))  # (n,) ||x_i||^2 over the whole box
-    npix = box * box
-    d2 = scan.shift_d2
-    spec_bytes = n * S * scan.n_radii * scan.n_freq * 8
-    cache = [scan.transform(x[sl]) for sl in slices] if spec_bytes <= cache_bytes else None
-    get_spec = (lambda j: cache[j]) if cache is not None else (lambda j: scan.transform(x[slices[j]]))
-
+    data = image_data(x, scan, k, candidates, batch_size, cache_bytes)
     rng = np.random.default_rng(seed)
     starts = [None] if init_references is not None else list(range(max(1, n_starts)))
     best = None
@@ -205,70 +352,11 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
         else:
             perm = rng.permutation(n)
             ref0 = np.stack([images[perm[j::k]].mean(0) for j in range(k)]).astype(np.float32)
-        q = scan.reference_spectrum(ref0)  # (M, K, Nr)
-        alpha = np.full(k, 1.0 / k)
-        sigma2 = float(xx.mean() / npix)
-        tau = max(float(max_shift), 0.5)
-        history = []
-        it = 0
-        while True:
-            wq, bias = _score_terms(scan, q, alpha, sigma2, _log_shift_prior(d2, tau, shift_prior))
-            num = torch.zeros_like(q)  # (M, K, Nr) sums of images brought to the reference frame
-            nk = torch.zeros(k, dtype=torch.float64, device=dev)
-            gs = torch.zeros(S, dtype=torch.float64, device=dev)
-            ll = 0.0
-            lab, rot_i, sh_i, post = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
-                                      np.empty((n, k), np.float32))
-            for j, sl in enumerate(slices):
-                spec = get_spec(j)
-                b = sl.stop - sl.start
-                if cand_all is None:
-                    Lp, g0, evidence = _posterior(scan, spec, wq, bias, b, k)  # gamma of (shift, class, rotation)
-                    cls_post = g0.sum(1)  # (b, K)
-                    lb = cls_post.argmax(1)
-                    sh_i[sl], rot_i[sl] = _map_pose(Lp, lb, na)
-                    num += scan.back_project(Lp.view(b * S, k, na).permute(2, 0, 1), spec)
-                else:
-                    cand = cand_all[sl]
-                    Lp, g0, evidence = _posterior_sparse(scan, spec, wq, bias, cand)
-                    local = g0.sum(1)  # (b, c)
-                    li = local.argmax(1)
-                    sh_i[sl], rot_i[sl] = _map_pose(Lp, li, na)
-                    _back_project_sparse(scan, Lp, spec, cand, num)
-                    cls_post = torch.zeros(b, k, dtype=local.dtype, device=dev).scatter_add_(1, cand, local)
-                    lb = cand.gather(1, li[:, None])[:, 0]
-                ll += float(evidence.double().sum())
-                nk += cls_post.double().sum(0)
-                gs += g0.sum(dim=(0, 2)).double()
-                post[sl] = cls_post.cpu().numpy()
-                lab[sl] = lb.cpu().numpy()
-            ll += float(-(xx.sum()) / (2 * sigma2) - n * (npix / 2) * math.log(2 * math.pi * sigma2)
-                        - n * math.log(na))
-            history.append(ll)
-            if verbose:
-                print(f"ml2d start {st} it {it} LL {ll:.6e} sigma {math.sqrt(sigma2):.4f} tau {tau:.3f}")
-            done = it >= max_iter or (len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1]))
-            if done:
-                break
-            # M-step
-            nk_np = nk.cpu().numpy()
-            alpha = np.maximum(nk_np / n, 0.0)
-            safe = torch.clamp(nk, min=1e-12).to(num.real.dtype)
-            q = num / safe[None, :, None]
-            q[:, nk <= 1e-12] = 0
-            qq_new = scan.weighted_norm2(q).double()
-            sigma2 = max(float((xx.sum() - (nk * qq_new).sum()) / (n * npix)), 1e-12)
-            if shift_prior == "gaussian":
-                tau = _fit_offset_sigma(gs.cpu().numpy(), d2, 0.2, 10 * max(max_shift, 1), tau)
-            it += 1
+        model = ML2D(scan, k, shift_prior, max_shift).start(ref0, float(data.xx.mean() / data.npix))
+        history, it, last = model.fit(data, max_iter, tol, verbose, st)
         all_ll.append(history[-1])
         if best is None or history[-1] > best[0]:
-            best = (history[-1], dict(labels=lab, references=scan.to_cartesian(q), log_likelihood_history=history,
-                                      log_likelihood=history[-1], alpha=alpha, sigma=math.sqrt(sigma2),
-                                      rotation_deg=scan.rotation_deg(rot_i), shift=scan.shift_px(sh_i),
-                                      class_probability=post, offset_sigma=tau if shift_prior == "gaussian" else None,
-                                      n_iter=it, model=dict(scan=scan, q=q, alpha=alpha, sigma2=sigma2, tau=tau,
-                                                            shift_prior=shift_prior)))
+            best = (history[-1], model.result(last, history, it))
     return ML2DResult(start_log_likelihoods=all_ll, **best[1])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from clcluster.core.backend import asnumpy, get_array_module
+from clcluster.image.polar import linear_radii, polar_coordinates
 
 
 def centred_grid(box: int, xp=np):
@@ -36,6 +37,17 @@ def freq_grid(box: int, apix: float = 1.0, xp=np, rfft: bool = True):
     fy = xp.fft.fftfreq(box, d=apix).astype(xp.float32)
     fx = (xp.fft.rfftfreq(box, d=apix) if rfft else xp.fft.fftfreq(box, d=apix)).astype(xp.float32)
     return xp.meshgrid(fy, fx, indexing="ij")
+
+
+def radial_shells(box: int, xp=np, rfft: bool = True, fold: bool = True):
+    """Integer radial shell round(|k|) (k in cycles per box) of every coefficient of the (r)FFT of
+    a (box, box) image, unshifted layout: (box, box//2+1) with rfft, else (box, box); int64.
+    fold: the corners beyond Nyquist go into the last shell, box//2; else they keep their own
+    shells (> box//2). The shells of every radial spectrum of the package: whitening
+    (`steps.preprocess`, `em.averages`) and the realistic simulator's noise profiles."""
+    fy, fx = freq_grid(box, 1.0, xp, rfft=rfft)
+    shell = xp.rint(xp.sqrt(fx ** 2 + fy ** 2) * box).astype(xp.int64)
+    return xp.minimum(shell, box // 2) if fold else shell
 
 
 def fourier_filter(images, filt):
@@ -213,10 +225,8 @@ def polar_grid(box: int, n_radii: int, n_angles: int, r_min: float = 0.5, r_max:
     Angle index k is at 360*k/n_angles degrees; `rotate(images, a)` with a = 360*k/n_angles
     rolls the polar samples by -k along the angle axis (np.roll(p, -k, axis=-1))."""
     r_max = box // 2 - 1 if r_max is None else r_max
-    r = xp.linspace(r_min, r_max, n_radii, dtype=xp.float32)[:, None]
-    t = (xp.arange(n_angles, dtype=xp.float32) * (2 * np.pi / n_angles))[None, :]
-    c = box // 2
-    return c + r * xp.sin(t), c + r * xp.cos(t)
+    xs, ys = polar_coordinates(box, linear_radii(r_min, r_max, n_radii, xp), n_angles, xp=xp)
+    return ys, xs
 
 
 def polar_resample(images, n_radii: int = 16, n_angles: int = 64, r_min: float = 0.5, r_max: float | None = None):

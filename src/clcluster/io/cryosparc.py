@@ -46,12 +46,8 @@ def _strip_marker(paths: np.ndarray) -> np.ndarray:
     return np.array([p[1:] if p.startswith(">") else p for p in paths], dtype=object)
 
 
-def read_cs(path, root=None) -> ParticleTable:
-    """Read a cryoSPARC .cs particle file into a RELION 3.1-flavoured ParticleTable.
-
-    Refuses (ParticleFileError) files that are not NumPy structured arrays, have zero rows,
-    or lack the `blob/path`, `blob/idx` or `blob/psize_A` fields."""
-    path = Path(path)
+def _load_cs(path: Path) -> np.ndarray:
+    """The .cs structured array (one row per particle), with blob/path, blob/idx and blob/psize_A."""
     if not path.exists():
         raise ParticleFileError(f"{path}: particle file not found")
     try:
@@ -75,16 +71,24 @@ def read_cs(path, root=None) -> ParticleTable:
     missing = [f for f in ("blob/path", "blob/idx", "blob/psize_A") if f not in names]
     if missing:
         raise ParticleFileError(f"{path}: cryoSPARC .cs file lacks {', '.join(missing)}")
+    return cs
 
-    n = len(cs)
+
+def _image_names(path: Path, cs: np.ndarray) -> np.ndarray:
+    """`_rlnImageName` of every row: f"{blob/idx + 1}@{blob/path}" (object array)."""
     stacks = _strip_marker(_text(cs["blob/path"]))
     idx = np.asarray(cs["blob/idx"]).astype(np.int64)
     if (idx < 0).any():
         i = int(np.flatnonzero(idx < 0)[0])
         raise ParticleFileError(f"{path}: row {i + 1}: negative blob/idx {idx[i]}")
-    image_names = pd.Series(idx + 1).astype(str).to_numpy(dtype=object) + "@" + stacks
+    return pd.Series(idx + 1).astype(str).to_numpy(dtype=object) + "@" + stacks
 
-    apix = _short(cs["blob/psize_A"])
+
+def _optics_groups(cs: np.ndarray, apix: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+    """(0-based optics group of every row, the optics block): one group per distinct pixel size
+    (Å/px), box (px), voltage (kV), Cs (mm) and amplitude contrast."""
+    names = cs.dtype.names
+    n = len(cs)
     box = np.asarray(cs["blob/shape"])[:, -1].astype(np.int64) if "blob/shape" in names else np.zeros(n, np.int64)
     optics_cols = {"rlnImagePixelSize": apix, "rlnImageSize": box}
     for field, label in (("ctf/accel_kv", "rlnVoltage"), ("ctf/cs_mm", "rlnSphericalAberration"),
@@ -101,24 +105,39 @@ def read_cs(path, root=None) -> ParticleTable:
     optics["rlnImageDimensionality"] = 2
     optics["rlnCtfDataAreCtfPremultiplied"] = 0
     optics["rlnOpticsGroupName"] = optics["rlnOpticsGroupName"].astype("str")
+    return groups, optics
 
+
+# .cs field -> (RELION label, radians converted to degrees)
+_PARTICLE_FIELDS = (("ctf/df1_A", "rlnDefocusU", False), ("ctf/df2_A", "rlnDefocusV", False),
+                    ("ctf/df_angle_rad", "rlnDefocusAngle", True), ("ctf/phase_shift_rad", "rlnPhaseShift", True),
+                    ("ctf/bfactor", "rlnCtfBfactor", False), ("ctf/scale", "rlnCtfScalefactor", False))
+
+
+def _particle_columns(cs: np.ndarray, image_names: np.ndarray, groups: np.ndarray) -> pd.DataFrame:
+    """The particles block: image name, micrograph, optics group (1-based) and the CTF columns present."""
+    names = cs.dtype.names
     particles = pd.DataFrame({"rlnImageName": pd.Series(image_names, dtype="str")})
     if "location/micrograph_path" in names:
         particles["rlnMicrographName"] = pd.Series(_strip_marker(_text(cs["location/micrograph_path"])), dtype="str")
     particles["rlnOpticsGroup"] = groups + 1
-    if "ctf/df1_A" in names:
-        particles["rlnDefocusU"] = _short(cs["ctf/df1_A"])
-    if "ctf/df2_A" in names:
-        particles["rlnDefocusV"] = _short(cs["ctf/df2_A"])
-    if "ctf/df_angle_rad" in names:
-        particles["rlnDefocusAngle"] = _short(np.rad2deg(np.asarray(cs["ctf/df_angle_rad"])))
-    if "ctf/phase_shift_rad" in names:
-        particles["rlnPhaseShift"] = _short(np.rad2deg(np.asarray(cs["ctf/phase_shift_rad"])))
-    if "ctf/bfactor" in names:
-        particles["rlnCtfBfactor"] = _short(cs["ctf/bfactor"])
-    if "ctf/scale" in names:
-        particles["rlnCtfScalefactor"] = _short(cs["ctf/scale"])
+    for field, label, radians in _PARTICLE_FIELDS:
+        if field in names:
+            particles[label] = _short(np.rad2deg(np.asarray(cs[field])) if radians else cs[field])
+    return particles
 
+
+def read_cs(path, root=None) -> ParticleTable:
+    """Read a cryoSPARC .cs particle file into a RELION 3.1-flavoured ParticleTable.
+
+    Refuses (ParticleFileError) files that are not NumPy structured arrays, have zero rows,
+    or lack the `blob/path`, `blob/idx` or `blob/psize_A` fields."""
+    path = Path(path)
+    cs = _load_cs(path)
+    image_names = _image_names(path, cs)
+    apix = _short(cs["blob/psize_A"])
+    groups, optics = _optics_groups(cs, apix)
+    particles = _particle_columns(cs, image_names, groups)
     bad = np.flatnonzero(~(np.isfinite(apix) & (apix > 0)))
     if bad.size:
         i = int(bad[0])

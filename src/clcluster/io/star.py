@@ -254,139 +254,171 @@ def _tokens(line: str) -> int:
     return n
 
 
+class _StarScanner:
+    """The line-by-line state machine of `_scan_star`: `out` collects the cleaned lines,
+    `blocks` the data blocks; `state` is outside | block | header | rows | simple."""
+
+    def __init__(self, path):
+        self.path = path
+        self.out: list[str] = []
+        self.blocks: list[_Block] = []
+        self.names: dict[str, int] = {}
+        self.version = None
+        self.block: _Block | None = None
+        self.state = "outside"
+        self.simple_lines: list[tuple[str, str]] = []
+        self.block_start = 0      # index in `out` where the current block starts
+        self.changed = False
+
+    def error(self, lineno: int, message: str) -> ParticleFileError:
+        return ParticleFileError(f"{self.path}: line {lineno}: {message}")
+
+    def close_block(self) -> None:
+        """End the current block: drop an empty one (starfile would pair it with the next
+        block's loop), rewrite a key-value block as a one-row loop when it is a single particle
+        (starfile's shlex split breaks on some values) and drop it otherwise."""
+        block, out = self.block, self.out
+        if block is None:
+            return
+        if block.kind == "empty":
+            del out[self.block_start:]
+            self.blocks.pop()
+            self.changed = True
+        elif block.kind == "simple":
+            del out[self.block_start:]
+            self.changed = True
+            block.items = {k[1:]: v.strip() for k, v in self.simple_lines}
+            if any(k == "_rlnImageName" for k, _ in self.simple_lines):
+                out.append(f"data_{block.name}")
+                out.append("loop_")
+                out.extend(k for k, _ in self.simple_lines)
+                out.append(" ".join(v for _, v in self.simple_lines))
+                block.kind, block.nrows = "loop", 1
+                block.labels = [k[1:] for k, _ in self.simple_lines]
+
+    def data_line(self, lineno: int, raw: str, s: str) -> None:
+        """`data_NAME`: a new block (a repeated name gets a suffix: starfile would keep only the last)."""
+        self.close_block()
+        name = s[5:].split()[0] if s[5:].split() else ""
+        if name in self.names:
+            self.names[name] += 1
+            new = f"{name}__{self.names[name]}"
+            raw, self.changed = f"data_{new}", True
+            name = new
+        else:
+            self.names[name] = 1
+        if s != f"data_{name}":
+            raw, self.changed = f"data_{name}", True
+        self.block = _Block(name, first_line=lineno)
+        self.blocks.append(self.block)
+        self.block_start = len(self.out)
+        self.simple_lines = []
+        self.state = "block"
+        self.out.append(raw)
+
+    def comment(self, raw: str, s: str) -> None:
+        """A comment: the first `# version N` is read; comments between labels (they end
+        starfile's header) and in a loop before its first row (a loop of comments only breaks
+        pandas) are dropped."""
+        if self.version is None:
+            m = _VERSION.match(s)
+            if m:
+                self.version = int(m.group(1))
+        if self.state == "header" or (self.state == "rows" and self.block.nrows == 0):
+            self.changed = True
+            return
+        self.out.append(raw)
+
+    def loop_line(self, lineno: int, raw: str) -> None:
+        block = self.block
+        if block.kind == "loop":
+            raise self.error(lineno, f"a second loop_ inside data_{block.name}; "
+                                     "a RELION STAR file has one loop per data block")
+        if block.kind == "simple":
+            raise self.error(lineno, f"loop_ after key-value items in data_{block.name}")
+        block.kind = "loop"
+        self.state = "header"
+        self.out.append(raw)
+
+    def label_line(self, lineno: int, raw: str, s: str) -> None:
+        label = s.split()[0][1:]
+        if label in self.block.labels:
+            raise self.error(lineno, f"label _{label} appears twice in data_{self.block.name}")
+        self.block.labels.append(label)
+        self.out.append(raw)
+
+    def row_line(self, lineno: int, raw: str, s: str) -> None:
+        """A data row of a loop: as many values as the loop has labels."""
+        block = self.block
+        if self.state == "header" and not block.labels:
+            raise self.error(lineno, f"loop_ in data_{block.name} has no labels")
+        if s.startswith("_"):
+            raise self.error(lineno, f"label {s.split()[0]} after the data rows of data_{block.name}")
+        self.state = "rows"
+        n = _tokens(s)
+        if n != len(block.labels):
+            raise self.error(lineno, f"{n} values for the {len(block.labels)} labels of data_{block.name} "
+                                     "(truncated or corrupt file, or a value with spaces that is not quoted?)")
+        block.nrows += 1
+        self.out.append(raw)
+
+    def item_line(self, lineno: int, raw: str, s: str) -> None:
+        """A key-value item (`_label value` outside a loop)."""
+        if self.block.kind == "loop":
+            raise self.error(lineno, f"key-value item after a loop in data_{self.block.name}")
+        self.block.kind = "simple"
+        self.state = "simple"
+        parts = s.split(None, 1)
+        self.simple_lines.append((parts[0], parts[1] if len(parts) > 1 else '""'))
+        self.out.append(raw)
+
+    def line(self, lineno: int, raw: str) -> None:
+        """Dispatch one line by what it is and the current state."""
+        s = raw.strip()
+        if s.startswith("data_"):
+            self.data_line(lineno, raw, s)
+        elif s == "stop_":
+            self.changed = True
+            if self.state in ("rows", "header"):
+                self.state = "block"
+        elif s.startswith("#"):
+            self.comment(raw, s)
+        elif not s:
+            if self.state == "header":
+                self.changed = True
+            else:
+                self.out.append(raw)
+        elif self.state == "outside":
+            self.out.append(raw)                   # text before the first data_: starfile ignores it
+        elif s.startswith("loop_"):
+            self.loop_line(lineno, raw)
+        elif self.state == "header" and s.startswith("_"):
+            self.label_line(lineno, raw, s)
+        elif self.state in ("header", "rows"):
+            self.row_line(lineno, raw, s)
+        elif self.state == "simple" and not s.startswith("_"):
+            self.out.append(raw)                   # continuation of a key-value block (dropped below)
+        elif s.startswith("_"):
+            self.item_line(lineno, raw, s)
+        else:
+            raise self.error(lineno, f"unexpected text {s[:40]!r} in data_{self.block.name}")
+
+
 def _scan_star(text: str, path) -> tuple[str, list[_Block], int | None, bool]:
     """Check the structure of STAR text line by line and clean what `starfile` misreads.
 
     Returns (clean text, blocks, `# version` number, whether the text was changed).
     Raises ParticleFileError for rows whose number of values differs from the number of
     labels, labels repeated within a loop, labels after data rows, two loops in one block."""
-    changed = False
+    scanner = _StarScanner(path)
     if text.startswith("\ufeff"):
-        text, changed = text[1:], True
-    lines = text.splitlines()
-    out: list[str] = []
-    blocks: list[_Block] = []
-    names: dict[str, int] = {}
-    version = None
-    block: _Block | None = None
-    state = "outside"             # outside | block | header | rows | simple
-    simple_lines: list[tuple[str, str]] = []
-    block_start = 0               # index in `out` where the current block starts
-
-    def close_block():
-        nonlocal changed
-        if block is None:
-            return
-        if block.kind == "empty":         # `data_x` with nothing after it: starfile would pair it
-            del out[block_start:]         # with the next block's loop
-            blocks.pop()
-            changed = True
-        elif block.kind == "simple":      # key-value block: starfile's shlex split breaks on some
-            del out[block_start:]         # values; keep it only if it is a single particle
-            changed = True
-            block.items = {k[1:]: v.strip() for k, v in simple_lines}
-            if any(k == "_rlnImageName" for k, _ in simple_lines):
-                out.append(f"data_{block.name}")
-                out.append("loop_")
-                out.extend(k for k, _ in simple_lines)
-                out.append(" ".join(v for _, v in simple_lines))
-                block.kind, block.nrows = "loop", 1
-                block.labels = [k[1:] for k, _ in simple_lines]
-
-    for lineno, raw in enumerate(lines, 1):
-        s = raw.strip()
-        if s.startswith("data_"):
-            close_block()
-            name = s[5:].split()[0] if s[5:].split() else ""
-            if name in names:                      # starfile would keep only the last one
-                names[name] += 1
-                new = f"{name}__{names[name]}"
-                raw, changed = f"data_{new}", True
-                name = new
-            else:
-                names[name] = 1
-            if s != f"data_{name}":
-                raw, changed = f"data_{name}", True
-            block = _Block(name, first_line=lineno)
-            blocks.append(block)
-            block_start = len(out)
-            simple_lines = []
-            state = "block"
-            out.append(raw)
-            continue
-        if s == "stop_":
-            changed = True
-            if state in ("rows", "header"):
-                state = "block"
-            continue
-        if s.startswith("#"):
-            if version is None:
-                m = _VERSION.match(s)
-                if m:
-                    version = int(m.group(1))
-            if state == "header" or (state == "rows" and block.nrows == 0):
-                changed = True                     # comment between labels ends starfile's header;
-                continue                           # a loop of comments only breaks pandas
-            out.append(raw)
-            continue
-        if not s:
-            if state == "header":
-                changed = True
-                continue
-            out.append(raw)
-            continue
-        if state == "outside":
-            out.append(raw)                        # text before the first data_: starfile ignores it
-            continue
-        if s.startswith("loop_"):
-            if block.kind == "loop":
-                raise ParticleFileError(f"{path}: line {lineno}: a second loop_ inside data_{block.name}; "
-                                        "a RELION STAR file has one loop per data block")
-            if block.kind == "simple":
-                raise ParticleFileError(f"{path}: line {lineno}: loop_ after key-value items in data_{block.name}")
-            block.kind = "loop"
-            state = "header"
-            out.append(raw)
-            continue
-        if state == "header" and s.startswith("_"):
-            label = s.split()[0][1:]
-            if label in block.labels:
-                raise ParticleFileError(f"{path}: line {lineno}: label _{label} appears twice in data_{block.name}")
-            block.labels.append(label)
-            out.append(raw)
-            continue
-        if state in ("header", "rows"):
-            if state == "header" and not block.labels:
-                raise ParticleFileError(f"{path}: line {lineno}: loop_ in data_{block.name} has no labels")
-            if s.startswith("_"):
-                raise ParticleFileError(f"{path}: line {lineno}: label {s.split()[0]} after the data rows of "
-                                        f"data_{block.name}")
-            state = "rows"
-            n = _tokens(s)
-            if n != len(block.labels):
-                raise ParticleFileError(
-                    f"{path}: line {lineno}: {n} values for the {len(block.labels)} labels of data_{block.name} "
-                    "(truncated or corrupt file, or a value with spaces that is not quoted?)")
-            block.nrows += 1
-            out.append(raw)
-            continue
-        if state == "simple" and not s.startswith("_"):
-            out.append(raw)                        # continuation of a key-value block (dropped below)
-            continue
-        if s.startswith("_"):                      # key-value item
-            if block.kind == "loop":
-                raise ParticleFileError(f"{path}: line {lineno}: key-value item after a loop in data_{block.name}")
-            block.kind = "simple"
-            state = "simple"
-            parts = s.split(None, 1)
-            simple_lines.append((parts[0], parts[1] if len(parts) > 1 else '""'))
-            out.append(raw)
-            continue
-        raise ParticleFileError(f"{path}: line {lineno}: unexpected text {s[:40]!r} in data_{block.name}")
-    close_block()
-    if changed:
-        text = "\n".join(out) + "\n"
-    return text, blocks, version, changed
+        text, scanner.changed = text[1:], True
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        scanner.line(lineno, raw)
+    scanner.close_block()
+    if scanner.changed:
+        text = "\n".join(scanner.out) + "\n"
+    return text, scanner.blocks, scanner.version, scanner.changed
 
 
 def _describe(blocks: list[_Block]) -> str:
@@ -454,13 +486,8 @@ def _refuse_subtomograms(path, blocks: list[_Block], table: ParticleTable | None
             "those")
 
 
-def read_star(path, root=None) -> ParticleTable:
-    """Read a RELION 3.1+ (optics + particles) or 3.0 (particles only) STAR file.
-
-    Checks what every later step relies on: one block of particles (`_rlnImageName`), an
-    optics group for every particle (3.1), and a pixel size in Å/px for every particle.
-    Raises ParticleFileError (naming the file and why) for anything else."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The text of a STAR file (UTF-8, else Latin-1); refuses missing files, folders and binary files."""
     if not path.exists():
         raise ParticleFileError(f"{path}: particle file not found")
     if path.is_dir():
@@ -474,12 +501,14 @@ def read_star(path, root=None) -> ParticleTable:
         kind = "a NumPy/cryoSPARC .cs file" if raw.startswith(b"\x93NUMPY") else "a binary file (MRC stack?)"
         raise ParticleFileError(f"{path}: {kind}, not a STAR text file")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    clean, blocks, version, changed = _scan_star(text, path)
-    loops = [b for b in blocks if b.kind == "loop"]
-    cands = [b for b in loops if "rlnImageName" in b.labels]
+        return raw.decode("latin-1")
+
+
+def _particles_block(path: Path, text: str, blocks: list[_Block]) -> _Block:
+    """The one loop with `_rlnImageName` (among several, the one named data_particles)."""
+    cands = [b for b in blocks if b.kind == "loop" and "rlnImageName" in b.labels]
     if not cands:
         raise ParticleFileError(f"{path}: not a particle file: {_not_particles_hint(text[:2000], blocks)} "
                                 f"({_describe(blocks)})")
@@ -490,9 +519,12 @@ def read_star(path, root=None) -> ParticleTable:
                 f"{path}: {len(cands)} data blocks hold particles ({', '.join('data_' + b.name for b in cands)}); "
                 "which one is meant is ambiguous: keep one, or name it data_particles")
         cands = named
-    pblock = cands[0]
-    _refuse_subtomograms(path, blocks)
+    return cands[0]
 
+
+def _starfile_read(path: Path, clean: str, changed: bool) -> dict:
+    """starfile's blocks of the file, or of its cleaned text (through a temporary file) when
+    `_scan_star` changed it."""
     tmp = None
     try:
         if changed:
@@ -500,13 +532,16 @@ def read_star(path, root=None) -> ParticleTable:
             with os.fdopen(fd, "w") as f:
                 f.write(clean)
         try:
-            data = starfile.read(tmp or path, always_dict=True, parse_as_string=STRING_LABELS)
+            return starfile.read(tmp or path, always_dict=True, parse_as_string=STRING_LABELS)
         except Exception as e:  # starfile raises many kinds on malformed text
             raise ParticleFileError(f"{path}: not a readable STAR file ({type(e).__name__}: {e})") from None
     finally:
         if tmp is not None:
             os.unlink(tmp)
 
+
+def _particles_frame(path: Path, data: dict, pblock: _Block) -> pd.DataFrame:
+    """The particles as starfile read them, checked against the scan's row and label counts."""
     particles = data.get(pblock.name)
     if not isinstance(particles, pd.DataFrame) or len(particles) != pblock.nrows \
             or list(particles.columns) != pblock.labels:
@@ -516,7 +551,11 @@ def read_star(path, root=None) -> ParticleTable:
     particles = particles.reset_index(drop=True)
     if len(particles) == 0:  # starfile gives float zeros for empty loops; keep names as text
         particles = particles.astype({c: "str" for c in particles.columns if c in STRING_LABELS})
+    return particles
 
+
+def _optics_frame(path: Path, data: dict, pblock: _Block) -> tuple[pd.DataFrame | None, str | None]:
+    """(optics block, its name): data_optics, else the one block that looks like optics, else None."""
     others = {k: v for k, v in data.items() if k != pblock.name and isinstance(v, pd.DataFrame)}
     oname = "optics" if "optics" in others else None
     if oname is None:
@@ -528,13 +567,12 @@ def read_star(path, root=None) -> ParticleTable:
     optics = others[oname].reset_index(drop=True) if oname is not None else None
     if optics is not None and len(optics) == 0:
         raise ParticleFileError(f"{path}: data_{oname} (optics) has no rows")
+    return optics, oname
 
-    table = ParticleTable(particles=particles, optics=optics, path=path,
-                          root=Path(root) if root else None, particles_block=pblock.name,
-                          optics_block=oname if oname is not None else "optics", version=version)
-    if len(table) == 0:
-        return table  # an empty particle file is reported by `clcluster check`, not refused here
-    if optics is not None:
+
+def _check_table(path: Path, table: ParticleTable, blocks: list[_Block]) -> None:
+    """Every particle in a defined optics group, not a subtomogram, with a positive pixel size."""
+    if table.optics is not None:
         table.optics_group_rows()  # raises for particles naming undefined optics groups
     _refuse_subtomograms(path, blocks, table)
     apix = table.pixel_size()       # raises when there is no pixel size anywhere
@@ -543,6 +581,28 @@ def read_star(path, root=None) -> ParticleTable:
         i = int(bad[0])
         raise ParticleFileError(f"{path}: particle row {i + 1} ({table.image_name(i)}) has pixel size "
                                 f"{apix[i]:g} Å/px (must be a positive number); {bad.size} rows affected")
+
+
+def read_star(path, root=None) -> ParticleTable:
+    """Read a RELION 3.1+ (optics + particles) or 3.0 (particles only) STAR file.
+
+    Checks what every later step relies on: one block of particles (`_rlnImageName`), an
+    optics group for every particle (3.1), and a pixel size in Å/px for every particle.
+    Raises ParticleFileError (naming the file and why) for anything else."""
+    path = Path(path)
+    text = _read_text(path)
+    clean, blocks, version, changed = _scan_star(text, path)
+    pblock = _particles_block(path, text, blocks)
+    _refuse_subtomograms(path, blocks)
+    data = _starfile_read(path, clean, changed)
+    particles = _particles_frame(path, data, pblock)
+    optics, oname = _optics_frame(path, data, pblock)
+    table = ParticleTable(particles=particles, optics=optics, path=path,
+                          root=Path(root) if root else None, particles_block=pblock.name,
+                          optics_block=oname if oname is not None else "optics", version=version)
+    if len(table) == 0:
+        return table  # an empty particle file is reported by `clcluster check`, not refused here
+    _check_table(path, table, blocks)
     return table
 
 

@@ -5,26 +5,20 @@ adds the projection head used only by the loss.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from clcluster.image.polar import grid_sample_coordinates, linear_radii, polar_coordinates
 
 
 def polar_sampling_grid(box: int, n_radii: int, n_angles: int, r_min: float = 0.5, r_max: float | None = None) -> torch.Tensor:
     """grid_sample grid (1, n_radii, n_angles, 2) of a polar grid about pixel (box//2, box//2),
     angles counter-clockwise as in `imageops.polar_grid`."""
     r_max = box // 2 - 1 if r_max is None else r_max
-    r = torch.linspace(r_min, r_max, n_radii)[:, None]
-    t = torch.arange(n_angles, dtype=torch.float32)[None, :] * (2 * math.pi / n_angles)
-    c = box // 2
-    x = c + r * torch.cos(t)
-    y = c + r * torch.sin(t)
-    # align_corners=True maps -1..1 to pixel centres 0..box-1
-    gx = 2 * x / (box - 1) - 1
-    gy = 2 * y / (box - 1) - 1
-    return torch.stack([gx, gy], dim=-1)[None]
+    x, y = polar_coordinates(box, linear_radii(r_min, r_max, n_radii, torch), n_angles, xp=torch)
+    return grid_sample_coordinates(x, y, box, torch)[None]
 
 
 class PolarEncoder(nn.Module):

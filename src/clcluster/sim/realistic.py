@@ -27,7 +27,7 @@ from scipy import ndimage
 from clcluster.core.config import dataclass_from_dict
 from clcluster.core.rng import NOISE_OFFSET, REALISTIC
 from clcluster.image.ctf import CTFParams, apply_ctf
-from clcluster.image.imageops import fourier_shift
+from clcluster.image.imageops import fourier_shift, radial_shells
 
 JUNK_KINDS = ("empty", "ice_blob", "carbon_edge", "aggregate")
 PARTICLE = "particle"
@@ -249,8 +249,7 @@ def coloured_noise(n: int, spectrum: np.ndarray, rng) -> np.ndarray:
 def radial_profile(power: np.ndarray) -> np.ndarray:
     """Mean of a (D, D) FFT-order power map per integer radius 0..D//2."""
     box = power.shape[-1]
-    k = np.fft.fftfreq(box) * box
-    r = np.rint(np.sqrt(k[:, None] ** 2 + k[None, :] ** 2)).astype(int).ravel()
+    r = radial_shells(box, rfft=False, fold=False).ravel()
     keep = r <= box // 2
     s = np.bincount(r[keep], weights=power.ravel()[keep], minlength=box // 2 + 1)
     return s / np.maximum(np.bincount(r[keep], minlength=box // 2 + 1), 1)

@@ -493,6 +493,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                      "(default: the particle file's folder)")
     parser.add_argument("--classes", type=int, default=None, metavar="K", help="number of classes to be asked for")
     parser.add_argument("--no-ctf", action="store_true", help="CTF correction is off: do not require CTF columns")
+    parser.add_argument("--count-only", action="store_true",
+                        help="only check the number of particles against --classes (reads no stack)")
     parser.add_argument("--no-pixels", action="store_true", help="do not read the images (skip NaN/blank checks)")
     parser.add_argument("--batch", type=int, default=256, help="images read at a time (default 256)")
     parser.add_argument("--exclude-bad", metavar="OUT_STAR", default=None,
@@ -516,6 +518,11 @@ def main(args) -> int:
     except ParticleFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.count_only:
+        problems = check_size(CheckInput(table, classes=args.classes))
+        print(f"{args.particles}: {len(table)} particles")
+        print(format_report(problems))
+        return 1 if problems else 0
     notes: list[str] = []
     problems = check_particles(table, ctf_required=not args.no_ctf, classes=args.classes,
                                check_pixels=not args.no_pixels, batch=args.batch, notes=notes)

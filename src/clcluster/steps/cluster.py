@@ -17,7 +17,7 @@ from clcluster.core.backend import select_device
 from clcluster.core.cli_args import add_config, add_device, run_config
 from clcluster.core.config import dataclass_from_dict
 from clcluster.core.metrics import seed_stability
-from clcluster.core.rng import KMEANS_SAMPLE, REFINE_SUBSET, STABILITY, restart_key, stream_seed
+from clcluster.core.rng import KMEANS_SAMPLE, REFINE_SUBSET, STABILITY, stream_seed
 from clcluster.em.align import (
     Alignment,
     PolarCache,
@@ -30,6 +30,7 @@ from clcluster.em.align import (
     split_merge,
 )
 from clcluster.em.ml2d import ML2DResult, classify, polish
+from clcluster.em.restarts import best_restart, random_partition
 from clcluster.learn.data import RowView, random_rows
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,81 @@ def chain_objective(res, ml) -> float:
     return ml.log_likelihood if ml is not None else res.objective
 
 
+def _refine_restarts(cache: PolarCache, images, labels0: np.ndarray, near: np.ndarray, k: int, cfg: ClusterConfig,
+                     seed: int, device):
+    """The best of `refine_restarts` refinement chains: restart 1 from the embedding's K-means
+    classes labels0 (n,), the others from random partitions (unbiased where the embedding's
+    clusters follow nuisances), every pass over the wide set of classes. Returns (RefineResult,
+    ML2DResult or None)."""
+    if not guards_apply(k, cfg):
+        log.info("K=%d > cluster.refine_guards_max_k=%d: one refinement from the K-means classes, no split-and-merge, "
+                 "at most %d annealed EM passes", k, cfg.refine_guards_max_k, annealed_passes(k, cfg))
+
+    def run(r):
+        lab0 = labels0 if r == 0 else random_partition(seed, r, k, len(labels0))
+        return refine_chain(cache, images, lab0, near, k, cfg, seed, r, device, every_pass_wide=r > 0)
+
+    def report(r, key, chain):
+        log.info("refinement restart %d: %s %.4f", r + 1, "ML2D log-likelihood" if chain[1] is not None else "mean NCC", key)
+
+    best = best_restart(run, refine_restarts(k, cfg), lambda chain: chain_objective(*chain), report)
+    log.info("refinement: restart %d kept", best[0].restart + 1)
+    return best
+
+
+def _assign_all(images, features: np.ndarray, sub_feats: np.ndarray, a: Alignment, refs, ml,
+                cents: np.ndarray, k: int, cfg: ClusterConfig, pg: PolarGrid, device):
+    """Every particle aligned, in one streamed pass, to the refined references refs (K, R, A):
+    labelled by the fitted ML2D model over all K classes, or compared with its
+    `cfg.assign_candidates` nearest classes in embedding space (all K when 0). Returns
+    (Alignment, posterior probability (n,) of the label or None)."""
+    all_cache = PolarCache(images, pg, device, batch_size=cfg.batch_size, max_bytes=0)  # streamed
+    if ml is not None and cfg.assign_candidates <= 0:
+        # the fitted likelihood model labels every particle; one more pass gives poses and scores
+        # over all K: restricted to the embedding's nearest classes and their similar ones it
+        # lost 12 points at K=50, where the embedding is weak
+        ml_labels, prob = classify(images, ml, device)[:2]
+        cand = ml_labels[:, None]
+    else:
+        prob = None
+        sub_cents = class_means(sub_feats, a.labels, k, cents)
+        cand = None if cfg.assign_candidates <= 0 else assign(features, sub_cents, cfg.assign_candidates)[3]
+    return align_all(all_cache, refs, cand, accumulate=False)[0], prob
+
+
+def _refine(result: Clustering, features: np.ndarray, images, near: np.ndarray, k: int, cfg: ClusterConfig,
+            seed: int, device, timings: dict) -> Alignment:
+    """The alignment-based refinement of `cluster` (on a subset above `cfg.refine_subset`
+    particles, then every particle assigned); sets result.probability and the timings, returns
+    the final Alignment of every particle."""
+    t1 = time.time()
+    pg = PolarGrid(images.shape[-1], n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
+    tdev = select_device(device)
+    rows = random_rows(len(features), cfg.refine_subset, [seed, REFINE_SUBSET])
+    whole = len(rows) == len(features)
+    sub_images = images if whole else RowView(images, rows)
+    sub_feats = features if whole else np.asarray(features[rows])
+    if not whole:
+        log.info("refinement on a random subset of %d of %d particles", len(rows), len(features))
+    cache = PolarCache(sub_images, pg, tdev, batch_size=cfg.batch_size, max_bytes=cfg.cache_mb * 1e6)
+    res, ml = _refine_restarts(cache, sub_images, result.kmeans_labels[rows], near[rows], k, cfg, seed, tdev)
+    a, refs, prob = res.alignment, res.refs, None
+    if ml is not None:
+        # labels from the likelihood; poses, scores and references in the refinement's polar frame
+        a, refs, _ = align_all(cache, polar_references(ml.references, pg, tdev), ml.labels[:, None])
+        prob = ml.class_probability[np.arange(len(ml.labels)), ml.labels]
+    del cache
+    timings["refine_s"] = time.time() - t1
+    log.info("refinement: mean NCC %.4f, %.1f s", float(a.score.mean()), timings["refine_s"])
+    if not whole:
+        t2 = time.time()
+        a, prob = _assign_all(images, features, sub_feats, a, refs, ml, result.centroids, k, cfg, pg, tdev)
+        timings["assign_s"] = time.time() - t2
+        log.info("assigned all %d particles to the refined classes: %.1f s", len(features), timings["assign_s"])
+    result.probability = prob
+    return a
+
+
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
             device: str = "auto") -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
@@ -288,60 +364,11 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     result = Clustering(labels.copy(), labels, own, margin, cents, timings=timings)
     if not cfg.refine or images is None or k == 1:
         return with_stability(result, features, k, cfg, seed, images, device)
-    t1 = time.time()
-    pg = PolarGrid(images.shape[-1], n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
-    tdev = select_device(device)
-    rows = random_rows(len(features), cfg.refine_subset, [seed, REFINE_SUBSET])
-    whole = len(rows) == len(features)
-    sub_images = images if whole else RowView(images, rows)
-    sub_feats = features if whole else np.asarray(features[rows])
-    if not whole:
-        log.info("refinement on a random subset of %d of %d particles", len(rows), len(features))
-    cache = PolarCache(sub_images, pg, tdev, batch_size=cfg.batch_size, max_bytes=cfg.cache_mb * 1e6)
-    best = None
-    restarts = refine_restarts(k, cfg)
-    if not guards_apply(k, cfg):
-        log.info("K=%d > cluster.refine_guards_max_k=%d: one refinement from the K-means classes, no split-and-merge, "
-                 "at most %d annealed EM passes", k, cfg.refine_guards_max_k, annealed_passes(k, cfg))
-    for r in range(restarts):
-        # restart 1 from the embedding's K-means classes; the others from random partitions (unbiased
-        # where the embedding's clusters follow nuisances), every pass over the wide set of classes
-        lab0 = labels[rows] if r == 0 else np.random.default_rng(restart_key(seed, r)).integers(0, k, len(rows))
-        chain = refine_chain(cache, sub_images, lab0, near[rows], k, cfg, seed, r, tdev, every_pass_wide=r > 0)
-        key = chain_objective(*chain)
-        log.info("refinement restart %d: %s %.4f", r + 1, "ML2D log-likelihood" if chain[1] is not None else "mean NCC", key)
-        if best is None or key > chain_objective(*best):
-            best = chain
-    res, ml = best
-    log.info("refinement: restart %d kept", res.restart + 1)
-    a, refs, prob = res.alignment, res.refs, None
-    if ml is not None:
-        # labels from the likelihood; poses, scores and references in the refinement's polar frame
-        a, refs, _ = align_all(cache, polar_references(ml.references, pg, tdev), ml.labels[:, None])
-        prob = ml.class_probability[np.arange(len(ml.labels)), ml.labels]
-    del cache
-    timings["refine_s"] = time.time() - t1
-    log.info("refinement: mean NCC %.4f, %.1f s", float(a.score.mean()), timings["refine_s"])
-    if not whole:
-        t2 = time.time()
-        all_cache = PolarCache(images, pg, tdev, batch_size=cfg.batch_size, max_bytes=0)  # streamed
-        if ml is not None and cfg.assign_candidates <= 0:
-            # the fitted likelihood model labels every particle; one more pass gives poses and scores
-            # over all K: restricted to the embedding's nearest classes and their similar ones it
-            # lost 12 points at K=50, where the embedding is weak
-            ml_labels, prob = classify(images, ml, tdev)[:2]
-            cand = ml_labels[:, None]
-        else:
-            prob = None
-            sub_cents = class_means(sub_feats, a.labels, k, cents)
-            cand = None if cfg.assign_candidates <= 0 else assign(features, sub_cents, cfg.assign_candidates)[3]
-        a = align_all(all_cache, refs, cand, accumulate=False)[0]
-        timings["assign_s"] = time.time() - t2
-        log.info("assigned all %d particles to the refined classes: %.1f s", len(features), timings["assign_s"])
+    a = _refine(result, features, images, near, k, cfg, seed, device, timings)
     final = class_means(features, a.labels, k, cents)
     _, own, margin, _ = assign(features, final, 1, labels=a.labels)
     result.labels, result.distance, result.margin, result.centroids = a.labels, own, margin, final
-    result.angle_deg, result.shift_px, result.score, result.probability = a.angle_deg, a.shift_px, a.score, prob
+    result.angle_deg, result.shift_px, result.score = a.angle_deg, a.shift_px, a.score
     result.objective = float(a.score.mean())
     return with_stability(result, features, k, cfg, seed, images, device)
 

@@ -31,6 +31,7 @@ from clcluster.em.averages import (
     half_set_resolution,
     refine_class_poses,
     relion_pose,
+    rescue_particles,
     split_halves,
     wiener_class_averages,
 )
@@ -66,9 +67,11 @@ class ExportConfig:
     average_box: str = "input"  # input | working
     wiener_snr: float = 1.0
     frc_threshold: float = 0.143
-    junk_resolution_A: float = 25.0
+    junk_resolution_A: float = 0.0
     min_class_fraction: float = 0.01
     min_stability: float = 0.0
+    min_coherence_z: float = -3.0
+    rescue_quantile: float = 0.05
     select: list = dataclasses.field(default_factory=list)
     write_poses: bool = True
     clcluster_columns: bool = True
@@ -192,46 +195,25 @@ def write_model_star(path, quality: pd.DataFrame, apix: float, box: int, criteri
         starfile.write({"model_general": general, "model_classes": classes}, tmp, overwrite=True)
 
 
-def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float | None = None) -> np.ndarray:
-    """A cryoSPARC particle dataset (NumPy structured array, as `cryosparc-tools`' Dataset saves
-    it): uid, blob/*, ctf/*, alignments2D/{class, pose, shift, psize_A}.
+def _cs_dtype(path_width: int) -> list:
+    """The fields of a cryoSPARC particle dataset, blob/path as bytes of `path_width`."""
+    return [("uid", "<u8"), ("blob/path", f"S{path_width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+            ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("blob/import_sig", "<u8"),
+            ("ctf/type", "S8"), ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+            ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
+            ("ctf/phase_shift_rad", "<f4"), ("ctf/scale", "<f4"), ("ctf/scale_const", "<f4"),
+            ("ctf/shift_A", "<f4", (2,)), ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)),
+            ("ctf/tetra_A", "<f4", (4,)), ("ctf/anisomag", "<f4", (4,)), ("ctf/bfactor", "<f4"),
+            ("alignments2D/split", "<u4"), ("alignments2D/shift", "<f4", (2,)), ("alignments2D/pose", "<f4"),
+            ("alignments2D/psize_A", "<f4"), ("alignments2D/error", "<f4"), ("alignments2D/class_posterior", "<f4"),
+            ("alignments2D/class", "<u4"), ("alignments2D/class_ess", "<f4")]
 
-    blob/path is the resolved stack path; alignments2D/pose = psi in radians and
-    alignments2D/shift = RELION's origin in px of the particle image, with
-    alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
-    image). `align_apix` (the working pixel size the poses were found at) is not needed: the
-    origins come in Å."""
+
+def _cs_ctf(cs: np.ndarray, table: ParticleTable) -> None:
+    """Fill the ctf/* fields of `cs` from the table (defocus Å, angles in radians, voltage kV, Cs mm)."""
     from clcluster.em.averages import has_ctf
     from clcluster.image.ctf import CTFParams
 
-    n = len(table)
-    paths, idx = table.image_refs()
-    apix = table.pixel_size().astype(np.float32)
-    box = table.column("rlnImageSize")
-    if box is None:
-        from clcluster.io.mrc import stack_shape
-
-        box = np.full(n, stack_shape(paths[0])[-1]) if n else np.zeros(0)
-    spaths = np.array([str(p) for p in paths], dtype=object)
-    width = max(8, max((len(s.encode()) for s in spaths), default=8))
-    dt = [("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
-          ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("blob/import_sig", "<u8"),
-          ("ctf/type", "S8"), ("ctf/exp_group_id", "<u4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
-          ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
-          ("ctf/phase_shift_rad", "<f4"), ("ctf/scale", "<f4"), ("ctf/scale_const", "<f4"),
-          ("ctf/shift_A", "<f4", (2,)), ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)),
-          ("ctf/tetra_A", "<f4", (4,)), ("ctf/anisomag", "<f4", (4,)), ("ctf/bfactor", "<f4"),
-          ("alignments2D/split", "<u4"), ("alignments2D/shift", "<f4", (2,)), ("alignments2D/pose", "<f4"),
-          ("alignments2D/psize_A", "<f4"), ("alignments2D/error", "<f4"), ("alignments2D/class_posterior", "<f4"),
-          ("alignments2D/class", "<u4"), ("alignments2D/class_ess", "<f4")]
-    cs = np.zeros(n, dtype=dt)
-    rng = np.random.default_rng(CRYOSPARC_UID_SEED)
-    cs["uid"] = rng.integers(1, 2 ** 63, size=n, dtype=np.uint64)
-    cs["blob/path"] = np.char.encode(spaths.astype(str), "utf-8")
-    cs["blob/idx"] = idx
-    cs["blob/shape"] = np.stack([np.asarray(box), np.asarray(box)], axis=1)
-    cs["blob/psize_A"] = apix
-    cs["blob/sign"] = -1.0
     cs["ctf/type"] = b"imported"
     if "rlnOpticsGroup" in table.particles:
         cs["ctf/exp_group_id"] = table.particles["rlnOpticsGroup"].to_numpy()
@@ -250,6 +232,36 @@ def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: floa
     scale = table.column("rlnCtfScalefactor")
     cs["ctf/scale"] = 1.0 if scale is None else np.asarray(scale, dtype=np.float32)
     cs["ctf/scale_const"] = 0
+
+
+def cs_array(table: ParticleTable, psi_deg, origin_A, classes0, align_apix: float | None = None) -> np.ndarray:
+    """A cryoSPARC particle dataset (NumPy structured array, as `cryosparc-tools`' Dataset saves
+    it): uid, blob/*, ctf/*, alignments2D/{class, pose, shift, psize_A}.
+
+    blob/path is the resolved stack path; alignments2D/pose = psi in radians and
+    alignments2D/shift = RELION's origin in px of the particle image, with
+    alignments2D/psize_A = blob/psize_A (pyem's csparc2star reads the shift as pixels of the
+    image). `align_apix` (the working pixel size the poses were found at) is not needed: the
+    origins come in Å."""
+    n = len(table)
+    paths, idx = table.image_refs()
+    apix = table.pixel_size().astype(np.float32)
+    box = table.column("rlnImageSize")
+    if box is None:
+        from clcluster.io.mrc import stack_shape
+
+        box = np.full(n, stack_shape(paths[0])[-1]) if n else np.zeros(0)
+    spaths = np.array([str(p) for p in paths], dtype=object)
+    width = max(8, max((len(s.encode()) for s in spaths), default=8))
+    cs = np.zeros(n, dtype=_cs_dtype(width))
+    rng = np.random.default_rng(CRYOSPARC_UID_SEED)
+    cs["uid"] = rng.integers(1, 2 ** 63, size=n, dtype=np.uint64)
+    cs["blob/path"] = np.char.encode(spaths.astype(str), "utf-8")
+    cs["blob/idx"] = idx
+    cs["blob/shape"] = np.stack([np.asarray(box), np.asarray(box)], axis=1)
+    cs["blob/psize_A"] = apix
+    cs["blob/sign"] = -1.0
+    _cs_ctf(cs, table)
     cs["alignments2D/pose"] = np.deg2rad(np.asarray(psi_deg, dtype=np.float64))
     cs["alignments2D/shift"] = np.asarray(origin_A, dtype=np.float64).reshape(-1, 2) / apix.astype(np.float64)[:, None]
     cs["alignments2D/psize_A"] = apix
@@ -355,6 +367,8 @@ class Quality:
     resolution_A: np.ndarray  # (k,), NaN for classes of fewer than 2 particles
     curves: np.ndarray  # (k, box//2+1) FRC of the half-set averages
     order: np.ndarray  # classes, best ranked first (0-based)
+    kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued)
+    rescued: int = 0  # particles of junk-suggested classes kept (`rescue_particles`)
 
 
 def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig) -> Quality:
@@ -363,9 +377,22 @@ def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments
     res_A, curves = half_set_resolution(averages.halves, averages.apix, cfg.frc_threshold)
     res_A = np.where(counts >= 2, res_A, np.nan)
     q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
-                      cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select)
+                      cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select, cfg.min_coherence_z)
     q = add_stability(q, assignments.get("stability"), cfg.min_stability, bool(cfg.select))
     return Quality(q, res_A, curves, np.argsort(q["rank"].to_numpy()))
+
+
+def rescue(images, labels, poses: Poses, quality: Quality, cfg: ExportConfig, work_apix: float, device: str) -> Quality:
+    """The particles for particles_selected: the selected classes' members and, with the automatic
+    selection and `cfg.rescue_quantile` > 0, the particles of junk-suggested classes that match a
+    selected class's average as well as most of its members (`averages.rescue_particles`)."""
+    selected = quality.table["selected"].to_numpy()
+    if cfg.select or cfg.rescue_quantile <= 0:
+        return dataclasses.replace(quality, kept=selected[labels])
+    r = rescue_particles(images, labels, selected, poses.angle_deg, poses.shift_at(work_apix), cfg.rescue_quantile,
+                         n_angles=cfg.align_angles, max_shift_px=cfg.align_max_shift_px, device=device,
+                         batch_size=cfg.batch_size, cache_mb=cfg.cache_mb)
+    return dataclasses.replace(quality, kept=r.kept, rescued=int((r.kept & ~selected[labels]).sum()))
 
 
 def add_stability(q: pd.DataFrame, stability, min_stability: float = 0.0, user_select: bool = False) -> pd.DataFrame:
@@ -466,6 +493,7 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
         poses = refine_poses(table, images, labels, averages, poses, cfg, work_apix)
         averages = make_averages(table, images, labels, k, poses, halves, cfg, averages.source, work_apix)
     quality = assess_quality(labels, k, averages, poses, assignments, cfg)
+    quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
     write_averages(out_dir, labels, k, averages, quality, cfg)
     return write_particles(out_dir, table, labels, k, poses, averages, quality, assignments, cfg, embeddings, seed)
 
@@ -486,7 +514,7 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
     classified, psi, origin_A = classified_table(table, labels, poses, assignments, cfg)
     for j in range(k):
         write_star(out_dir / "classes" / f"class_{j + 1:03d}.star", classified.subset(np.flatnonzero(labels == j)))
-    sel_rows = np.flatnonzero(np.isin(labels + 1, selected_classes))
+    sel_rows = np.flatnonzero(quality.kept if quality.kept is not None else np.isin(labels + 1, selected_classes))
     write_star(out_dir / "particles_selected.star", classified.subset(sel_rows))
     if cfg.cryosparc:
         cs = cs_array(table, psi, origin_A, labels)
@@ -495,9 +523,11 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
     res_A = quality.resolution_A
     summary = {
         "particles": n, "classes": k, "class_sizes": counts.tolist(), "selected_classes": selected_classes.tolist(),
-        "selected_particles": int(len(sel_rows)), "selection": "user list export.select" if cfg.select else
-        f"automatic: resolution <= {cfg.junk_resolution_A} Å and fraction >= {cfg.min_class_fraction}"
-        + (f" and seed stability >= {cfg.min_stability}" if cfg.min_stability > 0 and "stability" in q else ""),
+        "selected_particles": int(len(sel_rows)), "rescued_particles": quality.rescued, "selection": "user list export.select" if cfg.select else
+        f"automatic: fraction >= {cfg.min_class_fraction}, coherence z >= {cfg.min_coherence_z}"
+        + (f", resolution <= {cfg.junk_resolution_A} Å" if cfg.junk_resolution_A > 0 else "")
+        + (f", seed stability >= {cfg.min_stability}" if cfg.min_stability > 0 and "stability" in q else "")
+        + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}",
         "seed_ari": float(assignments["seed_ari"]) if assignments.get("seed_ari") is not None else None,
         "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
                      "from": "original images, CTF-aware (Wiener)" if averages.source == "input"

@@ -29,9 +29,9 @@ from clcluster.image.imageops import (
     circular_mask,
     fourier_crop_filtered,
     fourier_filter,
-    freq_grid,
     lowpass,
     normalise_background,
+    radial_shells,
 )
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import read_images
@@ -102,18 +102,12 @@ def apply_mask(images, cfg: PreprocessConfig):
     return images * circular_mask(images.shape[-1], cfg.mask_radius_px, soft_edge=3.0, xp=get_array_module(images))
 
 
-def _shells(box: int, xp):
-    """Integer radial shell (0 … box//2) of every rFFT coefficient of a (box, box) image."""
-    fy, fx = freq_grid(box, 1.0, xp)
-    return xp.minimum(xp.rint(xp.sqrt(fx ** 2 + fy ** 2) * box).astype(xp.int64), box // 2)
-
-
 def radial_power_sums(images):
     """(sum of |F|^2 per radial shell, number of coefficients per shell) over images (n, box, box);
     both (box//2+1,) float64 on the images' device. Sums over batches combine by addition."""
     xp = get_array_module(images)
     box = images.shape[-1]
-    shell = _shells(box, xp).ravel()
+    shell = radial_shells(box, xp).ravel()
     p = (xp.abs(xp.fft.rfft2(images)) ** 2).sum(axis=0).astype(xp.float64).ravel()
     nb = box // 2 + 1
     return (xp.bincount(shell, weights=p, minlength=nb),
@@ -172,9 +166,64 @@ def whiten(images, spectrum):
     xp = get_array_module(images)
     box = images.shape[-1]
     spec = xp.asarray(asnumpy(spectrum) if xp is np else spectrum, dtype=xp.float64)
-    filt = 1.0 / xp.sqrt(xp.maximum(spec[_shells(box, xp)], 1e-12))
+    filt = 1.0 / xp.sqrt(xp.maximum(spec[radial_shells(box, xp)], 1e-12))
     filt[0, 0] = 0.0
     return fourier_filter(images, filt.astype(xp.float32))
+
+
+def _shard_pixel_size(table: ParticleTable) -> float:
+    """The one pixel size (Å/px) of a shard's particles; refuses a mix."""
+    apix_all = table.pixel_size()
+    if len(np.unique(np.round(apix_all, 4))) > 1:
+        raise ValueError(f"{table.path}: particles of one shard have different pixel sizes {np.unique(apix_all)}; "
+                         "preprocess optics groups separately")
+    return float(apix_all[0])
+
+
+def _read_batch(table: ParticleTable, refs: tuple, rows: np.ndarray) -> np.ndarray:
+    """Raw images (b, D, D) of the table rows `rows`; refuses non-finite pixels, naming the particle.
+    refs: (stack paths, 0-based indices, image names, whole-file flags) of every row."""
+    paths, indices, names, whole = refs
+    raw = read_images([paths[i] for i in rows], indices[rows], [names[i] for i in rows], whole[rows])
+    if not np.isfinite(raw).all():
+        bad = rows[np.flatnonzero(~np.isfinite(raw).reshape(len(rows), -1).all(1))[0]]
+        raise ValueError(f"{paths[bad]}: particle row {bad + 1} ({names[bad]}) has non-finite pixels (NaN/inf)")
+    return raw
+
+
+def _preprocess_pass(table: ParticleTable, out, cfg: PreprocessConfig, xp, apix: float, ctf_all, states,
+                     spectrum_images: int):
+    """Read, preprocess and write every particle into `out` (n, box, box) float16, batch by
+    batch. Returns (input box in px or None when there are no particles, the summed noise power
+    per shell and the counts over the first `spectrum_images` images when cfg.whiten, else None)."""
+    n = len(table)
+    paths, indices = table.image_refs()
+    refs = (paths, indices, table.particles["rlnImageName"].astype(str).tolist(), table.whole_file_rows())
+    t0 = time.time()
+    spec_sum = spec_count = None
+    box_in = None
+    for s in range(0, n, cfg.batch_size):
+        rows = np.arange(s, min(n, s + cfg.batch_size))
+        raw = _read_batch(table, refs, rows)
+        box_in = raw.shape[-1]
+        x = preprocess_batch(xp.asarray(raw), ctf_all.subset(rows) if ctf_all is not None else None, apix, cfg,
+                             mask=not cfg.whiten, states=states[rows])
+        del raw
+        if cfg.whiten and s < spectrum_images:
+            ps, pc = _spectrum_sums(x[: max(0, spectrum_images - s)], cfg, apix * box_in / cfg.box)
+            spec_sum, spec_count = (ps, pc) if spec_sum is None else (spec_sum + ps, spec_count + pc)
+        out[rows] = asnumpy(x).astype(np.float16)
+        del x
+        log.info("preprocessed %d/%d particles (%.0f img/s)", rows[-1] + 1, n, (rows[-1] + 1) / max(time.time() - t0, 1e-9))
+    return box_in, (spec_sum, spec_count) if cfg.whiten else None
+
+
+def _whiten_pass(out, cfg: PreprocessConfig, xp, spectrum, work_apix: float) -> None:
+    """Whiten the preprocessed images in `out` by `spectrum`, then renormalise and mask them, batch by batch."""
+    for s in range(0, len(out), cfg.batch_size):
+        x = whiten(xp.asarray(out[s:s + cfg.batch_size], dtype=xp.float32), spectrum)
+        x = apply_mask(normalise_background(x, cfg.bg_radius(work_apix)), cfg)
+        out[s:s + cfg.batch_size] = asnumpy(x).astype(np.float16)
 
 
 def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, device: str = "auto",
@@ -188,53 +237,24 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
     not grow with the shard. With cfg.whiten, the noise spectrum is accumulated batch by batch
     over the first `spectrum_images` preprocessed (unmasked) images, then a second pass over the
     output whitens, renormalises and masks each batch."""
+    from numpy.lib.format import open_memmap
+
     out_path = Path(out_path)
     xp = choose_array_module(device)
     n = len(table)
-    paths, indices = table.image_refs()
-    whole = table.whole_file_rows()
-    names = table.particles["rlnImageName"].astype(str).tolist()
-    apix_all = table.pixel_size()
-    if len(np.unique(np.round(apix_all, 4))) > 1:
-        raise ValueError(f"{table.path}: particles of one shard have different pixel sizes {np.unique(apix_all)}; "
-                         "preprocess optics groups separately")
-    apix = float(apix_all[0])
+    apix = _shard_pixel_size(table)
     ctf_all = CTFParams.from_table(table) if cfg.ctf != "none" else None
     states = ctf_states(table)
-    t0 = time.time()
-    from numpy.lib.format import open_memmap
-
-    spec_sum = spec_count = None
     spectrum = None
     with atomic_path(out_path) as tmp:
         out = open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, cfg.box, cfg.box))
-        box_in = None
-        for s in range(0, n, cfg.batch_size):
-            rows = np.arange(s, min(n, s + cfg.batch_size))
-            raw = read_images([paths[i] for i in rows], indices[rows], [names[i] for i in rows], whole[rows])
-            if not np.isfinite(raw).all():
-                bad = rows[np.flatnonzero(~np.isfinite(raw).reshape(len(rows), -1).all(1))[0]]
-                raise ValueError(f"{paths[bad]}: particle row {bad + 1} ({names[bad]}) has non-finite pixels (NaN/inf)")
-            box_in = raw.shape[-1]
-            x = preprocess_batch(xp.asarray(raw), ctf_all.subset(rows) if ctf_all is not None else None, apix, cfg,
-                                 mask=not cfg.whiten, states=states[rows])
-            del raw
-            if cfg.whiten and s < spectrum_images:
-                ps, pc = _spectrum_sums(x[: max(0, spectrum_images - s)], cfg, apix * box_in / cfg.box)
-                spec_sum, spec_count = (ps, pc) if spec_sum is None else (spec_sum + ps, spec_count + pc)
-            out[rows] = asnumpy(x).astype(np.float16)
-            del x
-            log.info("preprocessed %d/%d particles (%.0f img/s)", rows[-1] + 1, n, (rows[-1] + 1) / max(time.time() - t0, 1e-9))
+        box_in, sums = _preprocess_pass(table, out, cfg, xp, apix, ctf_all, states, spectrum_images)
         work_apix = apix * (box_in or cfg.box) / cfg.box
         if cfg.whiten and n > 0:
-            spectrum = spec_sum / xp.maximum(spec_count, 1)
-            for s in range(0, n, cfg.batch_size):
-                x = whiten(xp.asarray(out[s:s + cfg.batch_size], dtype=xp.float32), spectrum)
-                x = apply_mask(normalise_background(x, cfg.bg_radius(work_apix)), cfg)
-                out[s:s + cfg.batch_size] = asnumpy(x).astype(np.float16)
+            spectrum = sums[0] / xp.maximum(sums[1], 1)
+            _whiten_pass(out, cfg, xp, spectrum, work_apix)
         out.flush()
         del out
-    work_apix = apix * (box_in or cfg.box) / cfg.box
     meta = _sidecar(n, cfg, box_in, apix, work_apix, ctf_all is not None, states, spectrum, xp)
     try:
         write_text(out_path.with_suffix(".json"), json.dumps(meta, indent=2))
