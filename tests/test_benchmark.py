@@ -26,3 +26,8 @@ def test_benchmark_runs_every_method_and_writes_its_tables(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     md = (tmp_path / "results.md").read_text()
     assert "| cl_refined |" in md and "SNR 1.0" in md
+    # CL-Clustering run again with a second master seed: easy data, the same classes
+    seed_ari = df.set_index("method")["seed_ari"]
+    assert seed_ari["cl_refined"] >= 0.8 and -1 <= seed_ari["cl_kmeans"] <= 1 and seed_ari[["ml2d", "oracle"]].isna().all()
+    assert df.set_index("method")["stability_ari"]["cl_refined"] >= 0.8  # the cluster step's own subset runs
+    assert "| cl_refined | seed_ari |" in md

@@ -53,7 +53,8 @@ def run(tmp_path_factory):
     rng = np.random.default_rng(0)
     n = len(labels)
     assignments = {"labels": labels, "distance": rng.uniform(0.2, 0.8, n), "margin": rng.uniform(0, 0.3, n),
-                   "probability": rng.uniform(0.3, 1.0, n)}
+                   "probability": rng.uniform(0.3, 1.0, n), "stability": np.array([1.0, 0.9, 0.4, np.nan]),
+                   "seed_ari": np.float64(0.8)}
     emb = rng.standard_normal((n, 16)).astype(np.float32) + 3 * np.eye(16, dtype=np.float32)[labels]
     meta = {"apix_A": cfg.apix * cfg.box / WORK_BOX, "input_apix_A": cfg.apix, "input_box": cfg.box}
     out = d / "export"
@@ -193,6 +194,30 @@ def test_pictures_and_summary(run):
     assert sorted(s["rank_order"]) == list(range(1, K + 1))
     q = pd.read_csv(out / "class_quality.csv")
     assert list(q.sort_values("rank")["class"]) == s["rank_order"]
+    # the cluster step's seed stability, per class (NaN: not measured), and in the model STAR
+    np.testing.assert_allclose(q["stability"], [1.0, 0.9, 0.4, np.nan])
+    model = starfile.read(out / "class_averages.star", always_dict=True)["model_classes"]
+    np.testing.assert_allclose(model["rlnClclusterStability"], [1.0, 0.9, 0.4, np.nan])
+    assert s["seed_ari"] == pytest.approx(0.8)
+
+
+def test_unstable_classes_suggested_as_junk_only_when_asked():
+    from clcluster.steps.export import add_stability
+
+    labels = np.repeat([0, 1, 2, 3], [50, 30, 15, 10])
+    q = class_quality(labels, 4, np.array([12.0, 14.0, 10.0, 8.0]), junk_resolution_A=25.0, min_class_fraction=0.05)
+    stab = np.array([0.9, 0.3, np.nan, 0.7])
+    off = add_stability(q, stab)
+    assert off["selected"].all() and off["stability"].iloc[1] == 0.3
+    on = add_stability(q, stab, min_stability=0.5)
+    assert on["suggestion"].tolist() == ["good", "junk", "good", "good"]  # unmeasured class 3 not judged
+    assert on["selected"].tolist() == [True, False, True, True]
+    user = add_stability(class_quality(labels, 4, np.full(4, 12.0), select=[2]), stab, min_stability=0.5, user_select=True)
+    assert user["selected"].tolist() == [False, True, False, False]  # the user's list wins; suggestion still junk
+    assert user["suggestion"][1] == "junk"
+    none = add_stability(q, np.zeros(4), min_stability=0.5)
+    assert none["selected"].sum() == 1 and bool(none.loc[none["rank"] == 1, "selected"].iloc[0])  # never empty
+    assert "stability" not in add_stability(q, None) and "stability" not in add_stability(q, np.ones(3))
 
 
 def test_frc_resolution():

@@ -49,7 +49,8 @@ def test_guards_run_only_up_to_their_class_count(monkeypatch, caplog, easy_sim, 
     real_chain, real_sm = cluster_mod.refine_chain, cluster_mod.split_merge
     monkeypatch.setattr(cluster_mod, "refine_chain", lambda *a, **kw: starts.append(1) or real_chain(*a, **kw))
     monkeypatch.setattr(cluster_mod, "split_merge", lambda *a, **kw: moves.append(1) or real_sm(*a, **kw))
-    cfg = dict(n_init=2, refine_restarts=2, refine_iterations=6, refine_ml_iterations=3, refine_split_merge_rounds=1)
+    cfg = dict(n_init=2, refine_restarts=2, refine_iterations=6, refine_ml_iterations=3, refine_split_merge_rounds=1,
+               stability_runs=0)
     with caplog.at_level(logging.INFO, logger="clcluster.steps.cluster"):
         cluster(feats, 4, ClusterConfig(refine_guards_max_k=3, **cfg), seed=0, images=preprocessed_easy, device="cpu")
     assert len(starts) == 1 and not moves

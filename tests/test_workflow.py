@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from clcluster.io import read_particles
@@ -45,6 +46,10 @@ def test_workflow_classifies_every_particle_once(demo_run):
     assert per_class == 160
     score = json.loads((results / "score.json").read_text())
     assert score["accuracy"] > 0.6  # 4 views at SNR 0.5; chance ~0.3
+    # seed stability from the cluster step's further run, per class in class_quality.csv
+    quality = pd.read_csv(results / "export/class_quality.csv")
+    assert quality["stability"].between(0, 1).all() and quality["stability"].notna().sum() >= 3
+    assert 0 < json.loads((results / "export/summary.json").read_text())["seed_ari"] <= 1
     assert "clustering accuracy" in proc.stdout + proc.stderr
     for rule in ("simulate_demo", "check_particles", "train_encoder", "cluster_embeddings", "export_classes"):
         assert (results / "logs" / f"{rule}.log").exists(), rule

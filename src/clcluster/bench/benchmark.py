@@ -4,7 +4,10 @@ Methods: CL-Clustering's alignment-free stage (contrastive encoder + K-means++) 
 default classifier (+ alignment refinement over the m nearest classes), the same refinement
 started from random partitions (what the CL start buys), ML2D (Scheres et al. 2005), PCA +
 K-means on pixels, rotation-invariant features + spectral clustering, and the oracle (true
-clean projections, the ceiling). Scores: Hungarian-matched accuracy, ARI, NMI; wall time.
+clean projections, the ceiling). Scores: Hungarian-matched accuracy, ARI, NMI; wall time; for
+CL-Clustering's two rows the seed ARI (`seed_ari`: agreement of the whole method run with a second
+master seed, `second_seed_labels`) and, for cl_refined, the cluster step's own seed-stability
+ARI (`stability_ari`: cluster.stability_runs on a subset).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import pandas as pd
 
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.core.metrics import scores
+from clcluster.core.rng import SEED_ARI, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ class BenchmarkConfig:
     methods: tuple = METHODS
     seed: int = 0
     ml2d_starts: int = 3
+    seed_ari: bool = True  # run CL-Clustering a second time with another master seed (second_seed_labels)
 
 
 def volume_setup(spec: str, ribosome_path: str | None) -> dict:
@@ -95,9 +100,9 @@ def embed_stack(images, run_cfg: dict, seed: int, workdir: Path, apix: float) ->
     return embed_images(enc, images.astype(np.float16).astype(np.float32), run_cfg.get("embed", {}).get("batch_size", 128))
 
 
-def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
-    """The pipeline's own train → embed → cluster on preprocessed images; returns
-    (alignment-free labels, refined labels, seconds of the alignment-free stage, total seconds)."""
+def cl_run(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
+    """The pipeline's own train → embed → cluster on preprocessed images (n, D, D); returns
+    (the cluster step's Clustering, seconds of the alignment-free stage, total seconds)."""
     from clcluster.steps.cluster import ClusterConfig, cluster
 
     t0 = time.time()
@@ -105,8 +110,25 @@ def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
     t_embed = time.time() - t0
     # one clustering, as the pipeline runs it: its K-means labels are the alignment-free stage's
     res = cluster(feats, k, ClusterConfig.from_dict(run_cfg["cluster"]), seed=seed, images=images, device="cpu")
-    t_free = t_embed + res.timings["kmeans_s"]
-    return res.kmeans_labels, res.labels, t_free, time.time() - t0
+    return res, t_embed + res.timings["kmeans_s"], time.time() - t0
+
+
+def run_cl(images, k, run_cfg: dict, seed: int, workdir: Path, apix: float):
+    """`cl_run` as (alignment-free labels, refined labels, seconds of the alignment-free stage, total seconds)."""
+    res, t_free, t_all = cl_run(images, k, run_cfg, seed, workdir, apix)
+    return res.kmeans_labels, res.labels, t_free, t_all
+
+
+def second_seed_labels(images, k, run_cfg: dict, seed: int, apix: float):
+    """CL-Clustering's train → embed → cluster once more with the master seed
+    stream_seed([seed, SEED_ARI]) (training, K-means and refinement all draw from it; the
+    cluster step's stability runs off: they do not change labels) -> (alignment-free labels,
+    refined labels), to compare with the first run's (the seed ARI)."""
+    cfg2 = {**run_cfg, "cluster": {**run_cfg["cluster"], "stability_runs": 0}}
+    with tempfile.TemporaryDirectory() as d:
+        res, _, t = cl_run(images, k, cfg2, stream_seed([seed, SEED_ARI]), Path(d), apix)
+    log.info("  second seed of the CL pipeline: %.1f s", t)
+    return res.kmeans_labels, res.labels
 
 
 def refine_from_random(images, k, run_cfg: dict, seed: int):
@@ -126,25 +148,33 @@ def refine_from_random(images, k, run_cfg: dict, seed: int):
     return ml.labels if ml is not None else res.alignment.labels
 
 
-def run_dataset(images, truth, refs, k, methods, run_cfg, seed, apix, ml2d_starts=3) -> list[dict]:
-    """Every method on one preprocessed stack; one result row per method."""
+def run_dataset(images, truth, refs, k, methods, run_cfg, seed, apix, ml2d_starts=3, seed_ari: bool = True) -> list[dict]:
+    """Every method on one preprocessed stack; one result row per method (with seed_ari, the CL
+    rows also get `seed_ari` against a run with a second master seed, `second_seed_labels`)."""
+    from sklearn.metrics import adjusted_rand_score
+
     from clcluster.bench.baselines import invariant_kmeans, oracle_labels, pca_kmeans
     from clcluster.em.ml2d import ml2d
 
     rows = []
 
-    def record(name, labels, seconds):
-        r = {"method": name, "seconds": round(seconds, 2), **{k2: round(v, 4) for k2, v in scores(truth, labels).items()}}
-        log.info("  %-14s accuracy %.3f  ARI %.3f  NMI %.3f  %.1f s", name, r["accuracy"], r["ari"], r["nmi"], seconds)
+    def record(name, labels, seconds, **extra):
+        r = {"method": name, "seconds": round(seconds, 2), **{k2: round(v, 4) for k2, v in scores(truth, labels).items()},
+             **{k2: round(float(v), 4) for k2, v in extra.items() if v is not None}}
+        log.info("  %-14s accuracy %.3f  ARI %.3f  NMI %.3f  %.1f s%s", name, r["accuracy"], r["ari"], r["nmi"], seconds,
+                 f"  seed ARI {r['seed_ari']:.3f}" if "seed_ari" in r else "")
         rows.append(r)
 
     if "cl_kmeans" in methods or "cl_refined" in methods:
         with tempfile.TemporaryDirectory() as d:
-            free, refined, t_free, t_all = run_cl(images, k, run_cfg, seed, Path(d), apix)
+            res, t_free, t_all = cl_run(images, k, run_cfg, seed, Path(d), apix)
+        free2, refined2 = second_seed_labels(images, k, run_cfg, seed, apix) if seed_ari else (None, None)
         if "cl_kmeans" in methods:
-            record("cl_kmeans", free, t_free)
+            record("cl_kmeans", res.kmeans_labels, t_free,
+                   seed_ari=None if free2 is None else adjusted_rand_score(res.kmeans_labels, free2))
         if "cl_refined" in methods:
-            record("cl_refined", refined, t_all)
+            record("cl_refined", res.labels, t_all, stability_ari=res.seed_ari,
+                   seed_ari=None if refined2 is None else adjusted_rand_score(res.labels, refined2))
     timed = {
         "refine_random": lambda: refine_from_random(images, k, run_cfg, seed),
         "ml2d": lambda: ml2d(images, k, n_starts=ml2d_starts, seed=seed).labels,
@@ -179,7 +209,8 @@ def run_benchmark(bc: BenchmarkConfig, run_cfg: dict, out_dir, ribosome_path: st
             sim = add_noise(clean, snr, bc.seed)
             images = prepare(sim.images, sim.ctf, sc.apix, pp)
             apix = sc.apix * sc.box / pp.box
-            for r in run_dataset(images, truth, refs, len(refs), bc.methods, run_cfg, bc.seed, apix, bc.ml2d_starts):
+            for r in run_dataset(images, truth, refs, len(refs), bc.methods, run_cfg, bc.seed, apix, bc.ml2d_starts,
+                                 bc.seed_ari):
                 rows.append({"volume": vol, "snr": snr, "k": len(refs), "n": len(truth), **r})
             write_results(pd.DataFrame(rows), out_dir)  # partial results survive an interruption
     df = pd.DataFrame(rows)
@@ -213,7 +244,25 @@ def markdown_tables(df: pd.DataFrame) -> str:
         for m, r in acc.iterrows():
             lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" if c != "seconds (mean)" else f"{v:.1f}" for c, v in r.items()) + " |")
         parts.append("\n".join(lines))
+        if "seed_ari" in g and g["seed_ari"].notna().any():
+            parts.append(seed_ari_table(g))
     return "\n\n".join(parts) + "\n"
+
+
+def seed_ari_table(g: pd.DataFrame) -> str:
+    """The seed ARI (and the cluster step's subset stability ARI) of the methods that have one,
+    per SNR, for one volume and K."""
+    cols = [c for c in ("seed_ari", "stability_ari") if c in g]
+    snrs = sorted(g["snr"].unique(), reverse=True)
+    lines = ["seed ARI: agreement with a run from a second master seed (whole method); stability ARI: the cluster "
+             "step's own runs with other seeds on a subset (cluster.stability_runs)", "",
+             "| method | score | " + " | ".join(f"SNR {s}" for s in snrs) + " |", "|" + "---|" * (len(snrs) + 2)]
+    for m, gm in g[g["seed_ari"].notna()].groupby("method", sort=False):
+        for c in cols:
+            v = gm.set_index("snr")[c]
+            if v.notna().any():
+                lines.append(f"| {m} | {c} | " + " | ".join(f"{v.get(s, float('nan')):.3f}" for s in snrs) + " |")
+    return "\n".join(lines)
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
@@ -259,6 +308,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "and coloured noise (config simulate.realistic), scored by view coherence, junk selection "
                         "and class-average fidelity (docs/realistic.md)")
     p.add_argument("--classes", type=int, default=20, help="realistic mode: K classes")
+    p.add_argument("--no-seed-ari", dest="seed_ari", action="store_false",
+                   help="skip the second run of CL-Clustering with another master seed (the seed_ari column): "
+                        "saves the time of one more train -> embed -> cluster per stack")
     add_realistic_options(p)
     add_config(p)
 
@@ -273,6 +325,6 @@ def main(args: argparse.Namespace) -> int:
     bc = BenchmarkConfig(snrs=tuple(args.snrs or (0.25, 0.1, 0.05, 0.02, 0.01)),
                          volumes=tuple(args.volumes or ("builtin:0", "ribosome")), views=args.views,
                          images_per_view=args.images_per_view, methods=tuple(args.methods or METHODS), seed=cfg["seed"],
-                         ml2d_starts=3 if args.ml2d_starts is None else args.ml2d_starts)
+                         ml2d_starts=3 if args.ml2d_starts is None else args.ml2d_starts, seed_ari=args.seed_ari)
     print(markdown_tables(run_benchmark(bc, cfg, args.out_dir, args.ribosome)))
     return 0

@@ -49,21 +49,24 @@ class RealisticBenchmarkConfig:
     # whitening (with run_cfg preprocess.whiten): "estimate" = the pipeline's estimate
     # (preprocess.whiten_estimate); "true" = the simulator's noise spectrum (an oracle bound)
     whiten_spectrum: str = "estimate"
+    seed_ari: bool = True  # run the CL pipeline a second time with another master seed (benchmark.second_seed_labels)
 
 
 # ---------------------------------------------------------------------------------------------
 def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_cfg: dict, seed: int = 0,
-                        angle_deg=None, shift_px=None, average_images=None):
+                        angle_deg=None, shift_px=None, average_images=None, stability=None):
     """The export's automatic class selection on preprocessed images (n, D, D) at `apix` Å/px:
     reference-free alignment within each class (from the classifier's poses where given and
     `export.start_from_cluster_pose`, as the export does), aligned means and half-set averages,
     FRC resolution, `class_quality` (FRC, size and coherence criteria), then the particles of
     junk-suggested classes that `rescue_particles` keeps. The poses come from `images`; the averages are taken of
-    `average_images` where given (the export averages the original images, not whitened ones).
+    `average_images` where given (the export averages the original images, not whitened ones);
+    `stability` (k,): the cluster step's per-class seed stability, used as the export uses it
+    (`export.add_stability`, export.min_stability).
     -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
     from clcluster.em.averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses,
                                        rescue_particles, split_halves)
-    from clcluster.steps.export import ExportConfig
+    from clcluster.steps.export import ExportConfig, add_stability
 
     ec = ExportConfig.from_dict(export_cfg)
     if angle_deg is None or not ec.start_from_cluster_pose:
@@ -82,6 +85,7 @@ def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_
     res_A = np.where(counts >= 2, res_A, np.nan)
     q = class_quality(labels, k, res_A, None, None, poses.score, ec.junk_resolution_A, ec.min_class_fraction,
                       min_coherence_z=ec.min_coherence_z)
+    q = add_stability(q, stability, ec.min_stability)
     kept = q["selected"].to_numpy()[labels]
     if ec.rescue_quantile > 0 and not ec.select:
         kept = rescue_particles(images, labels, q["selected"].to_numpy(), poses.angle_deg, poses.shift_px, ec.rescue_quantile,
@@ -132,8 +136,11 @@ def score_labels(name, labels, seconds, ctx: dict) -> dict:
     k, good, dirs = ctx["k"], ctx["good"], ctx["dirs"]
     t = time.time()
     angle, shift = ctx.pop("poses", (None, None))
+    stability = ctx.pop("stability", None)
     kept, avgs, q = automatic_selection(ctx["images"], labels, k, ctx["apix"], ctx["export_cfg"], ctx["seed"], angle, shift,
-                                        ctx.get("average_images"))
+                                        ctx.get("average_images"), stability)
+    if stability is not None:
+        log_stability_and_junk(q, labels, good, k)
     w = good_class_weights(labels, good, k)
     deg = median_view_angle(dirs[good], labels[good])
     row = {"method": name, "seconds": round(seconds, 1), "view_median_deg": round(deg, 2),
@@ -151,6 +158,23 @@ def score_labels(name, labels, seconds, ctx: dict) -> dict:
     return row
 
 
+def log_stability_and_junk(q: pd.DataFrame, labels: np.ndarray, good: np.ndarray, k: int) -> None:
+    """Per class: seed stability, junk fraction, FRC resolution and selection, least stable first
+    (whether stability tells junk classes apart), and their rank correlation."""
+    from scipy.stats import spearmanr
+
+    counts = np.bincount(labels, minlength=k)
+    junk = np.bincount(labels, weights=(~good).astype(float), minlength=k) / np.maximum(counts, 1)
+    order = np.argsort(q["stability"].fillna(2).to_numpy())
+    log.info("  class  stability  junk  resolution_A  selected\n%s", "\n".join(
+        f"  {j + 1:5d}  {q['stability'][j]:9.2f}  {junk[j]:4.2f}  {q['resolution_A'][j]:12.1f}  {bool(q['selected'][j])}"
+        for j in order if counts[j] > 0))
+    ok = np.isfinite(q["stability"].to_numpy()) & (counts > 0)
+    if ok.sum() > 2:
+        log.info("  Spearman correlation of class stability with junk fraction: %.2f",
+                 spearmanr(q["stability"].to_numpy()[ok], junk[ok]).statistic)
+
+
 def method_labels(name: str, ctx: dict, run_cfg: dict, bc: RealisticBenchmarkConfig, cache: dict):
     """(labels, seconds) of one method; the CL pipeline runs once for both of its rows."""
     from clcluster.bench.baselines import invariant_kmeans
@@ -162,9 +186,21 @@ def method_labels(name: str, ctx: dict, run_cfg: dict, bc: RealisticBenchmarkCon
         if "cl" not in cache:
             cache["cl"] = cl_pipeline(images, k, run_cfg, seed, ctx["apix"])
         res, t_free, t_all = cache["cl"]
+        if bc.seed_ari and "cl2" not in cache:
+            from clcluster.bench.benchmark import second_seed_labels
+
+            cache["cl2"] = second_seed_labels(images, k, run_cfg, seed, ctx["apix"])
+        from sklearn.metrics import adjusted_rand_score
+
+        other = cache["cl2"][0 if name == "cl_kmeans" else 1] if bc.seed_ari else None
+        ctx["extra"] = {} if other is None else {"seed_ari": round(float(adjusted_rand_score(
+            res.kmeans_labels if name == "cl_kmeans" else res.labels, other)), 3)}
         if name == "cl_kmeans":
             return res.kmeans_labels, t_free
         ctx["poses"] = (res.angle_deg, res.shift_px)
+        ctx["stability"] = res.stability
+        if res.seed_ari is not None:
+            ctx["extra"]["stability_ari"] = round(float(res.seed_ari), 3)
         return res.labels, t_all
     if name == "ml2d":
         return ml2d(images, k, n_starts=bc.ml2d_starts, seed=seed).labels, time.time() - t
@@ -244,7 +280,8 @@ def run_realistic_benchmark(bc: RealisticBenchmarkConfig, run_cfg: dict, out_dir
         for name in bc.methods:
             labels, seconds = method_labels(name, ctx, run_cfg, bc, cache)
             rows.append({"snr": snr, "k": bc.classes, "n": len(kinds), "junk_fraction": rc.junk_fraction,
-                         "orientations": rc.orientations, **coherence, **score_labels(name, np.asarray(labels), seconds, ctx)})
+                         "orientations": rc.orientations, **coherence, **score_labels(name, np.asarray(labels), seconds, ctx),
+                         **ctx.pop("extra", {})})
             write_realistic_results(pd.DataFrame(rows), out_dir)
     df = pd.DataFrame(rows)
     write_realistic_results(df, out_dir)
@@ -262,6 +299,7 @@ def realistic_markdown(df: pd.DataFrame) -> str:
     """One table per SNR: the main scores of every method."""
     cols = ["view_median_deg", "view_score", "junk_removed", "good_kept", "purity_kept", "fidelity",
             "fidelity_with_rotavg", "classes_selected", "seconds"]
+    cols += [c for c in ("seed_ari", "stability_ari") if c in df.columns]
     cols += sorted(c for c in df.columns if c.startswith("removed_"))
     parts = []
     for snr, g in df.groupby("snr", sort=False):
@@ -290,6 +328,7 @@ def main_realistic(args, cfg: dict) -> int:
         sim.update(apix=5.0, volume_apix=5.0)  # the ribosome map: 5 Å voxels, ~250 Å across a 64 px box
     bc = RealisticBenchmarkConfig(snrs=tuple(args.snrs or [0.05]), classes=args.classes, seed=cfg["seed"],
                                   methods=tuple(args.methods or REALISTIC_METHODS),
-                                  ml2d_starts=1 if args.ml2d_starts is None else args.ml2d_starts)
+                                  ml2d_starts=1 if args.ml2d_starts is None else args.ml2d_starts,
+                                  seed_ari=getattr(args, "seed_ari", True))
     print(realistic_markdown(run_realistic_benchmark(bc, cfg, args.out_dir, SimulationConfig.from_dict(sim))))
     return 0

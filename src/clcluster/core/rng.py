@@ -16,6 +16,8 @@ REFINE_SUBSET = 4  # [seed, REFINE_SUBSET]: the particles the refinement runs on
 POLISH = 5  # [seed, POLISH]: re-seeding empty classes when the ML2D stage is polished
 REALISTIC = 18  # [seed, REALISTIC]: the realistic simulator's draws; [seed, NOISE_OFFSET, REALISTIC]: its noise
 RESTARTS = 6  # [seed, RESTARTS, r]: random partitions of restarts from the third on (see restart_key)
+STABILITY = 7  # [seed, STABILITY]: the particles of the seed-stability runs; [seed, STABILITY, r]: run r's seed
+SEED_ARI = 8  # [seed, SEED_ARI]: the master seed of the benchmark's second run of the pipeline (seed ARI)
 
 # Integer offsets and fixed seeds: default_rng(seed + OFFSET), torch.Generator().manual_seed(seed + OFFSET).
 SPLIT_MERGE_OFFSET = 77  # perturbation of the references in split-and-merge moves (align.split_merge)
@@ -32,3 +34,13 @@ def restart_key(seed: int, restart: int) -> list[int]:
     that labels do not change); from 3 on [seed, RESTARTS, restart], because [seed, 3] and
     [seed, 4] are the K-means sample and the refinement subset."""
     return [seed, restart] if restart < 3 else [seed, RESTARTS, restart]
+
+
+def stream_seed(key: list[int]) -> int:
+    """An integer seed in [0, 2**31) drawn from the stream `key`, for a whole run of code that
+    takes an integer seed (the cluster step's seed-stability runs: stream_seed([seed, STABILITY,
+    r]); the benchmark's second pipeline run: stream_seed([seed, SEED_ARI])). Its own keys
+    ([new seed, STREAM]) then differ from the main run's."""
+    import numpy as np
+
+    return int(np.random.default_rng(key).integers(0, 2**31))

@@ -16,7 +16,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from clcluster.core.backend import select_device
 from clcluster.core.cli_args import add_config, add_device, run_config
 from clcluster.core.config import dataclass_from_dict
-from clcluster.core.rng import KMEANS_SAMPLE, REFINE_SUBSET
+from clcluster.core.metrics import seed_stability
+from clcluster.core.rng import KMEANS_SAMPLE, REFINE_SUBSET, STABILITY, stream_seed
 from clcluster.em.align import (
     Alignment,
     PolarCache,
@@ -66,6 +67,8 @@ class ClusterConfig:
     assign_candidates: int = 0  # schedule: classes compared per particle in the final assignment pass (0 = all K)
     cache_mb: int = 2000
     batch_size: int = 512
+    stability_runs: int = 1
+    stability_subset: int = 1000
 
     @classmethod
     def from_dict(cls, d):
@@ -76,7 +79,8 @@ class ClusterConfig:
 class Clustering:
     """Per particle (input order): 0-based label, distance to its centroid, margin to the
     second-nearest, K-means label before refinement, the pose where refinement ran, and the
-    ML2D posterior probability of its class where the ML2D stage ran."""
+    ML2D posterior probability of its class where the ML2D stage ran. Per class: `stability` (k,)
+    and the mean `seed_ari` of the seed-stability runs, where they ran (`with_stability`)."""
 
     labels: np.ndarray
     kmeans_labels: np.ndarray
@@ -89,9 +93,12 @@ class Clustering:
     probability: np.ndarray | None = None
     objective: float | None = None
     timings: dict = dataclasses.field(default_factory=dict)
+    stability: np.ndarray | None = None
+    seed_ari: float | None = None
 
     def arrays(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, np.ndarray)}
+        """The per-particle arrays and the centroids (not the per-class stability)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, np.ndarray) and k != "stability"}
         return out
 
 
@@ -356,13 +363,47 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     log.info("K-means++ (%d initialisations) on %d x %d features: %.1f s", cfg.n_init, *features.shape, timings["kmeans_s"])
     result = Clustering(labels.copy(), labels, own, margin, cents, timings=timings)
     if not cfg.refine or images is None or k == 1:
-        return result
+        return with_stability(result, features, k, cfg, seed, images, device)
     a = _refine(result, features, images, near, k, cfg, seed, device, timings)
     final = class_means(features, a.labels, k, cents)
     _, own, margin, _ = assign(features, final, 1, labels=a.labels)
     result.labels, result.distance, result.margin, result.centroids = a.labels, own, margin, final
     result.angle_deg, result.shift_px, result.score = a.angle_deg, a.shift_px, a.score
     result.objective = float(a.score.mean())
+    return with_stability(result, features, k, cfg, seed, images, device)
+
+
+def with_stability(result: Clustering, features, k: int, cfg: ClusterConfig, seed: int, images=None,
+                   device="auto") -> Clustering:
+    """Seed stability of a finished clustering (labels 0..k-1 of every particle), filled into
+    `result.stability` (k,) and `result.seed_ari`: `cfg.stability_runs` further runs of `cluster`
+    (the same K-means start and refinement as the main run, stability runs off) on a random subset
+    of at most `cfg.stability_subset` particles (stream [seed, STABILITY]), run r with its own
+    seed stream_seed([seed, STABILITY, r]), so that the main run's streams are not touched; each
+    is compared with the main run's labels of the same particles (`metrics.seed_stability`:
+    per class the fraction of its particles that stay together, averaged over the runs; the mean
+    adjusted Rand index). Classes with no particle in the subset get NaN. 0 runs: unchanged."""
+    if cfg.stability_runs <= 0 or k < 2:
+        return result
+    t = time.time()
+    rows = random_rows(len(features), cfg.stability_subset, [seed, STABILITY])
+    if len(rows) < k:
+        log.warning("seed stability skipped: a subset of %d particles for %d classes", len(rows), k)
+        return result
+    whole = len(rows) == len(features)
+    sub_feats = features if whole else np.asarray(features[rows])
+    sub_images = None if images is None else images if whole else RowView(images, rows)
+    run_cfg = dataclasses.replace(cfg, stability_runs=0)
+    runs = []
+    for r in range(1, cfg.stability_runs + 1):
+        log.info("seed stability: run %d of %d on %d particles", r, cfg.stability_runs, len(rows))
+        runs.append(cluster(sub_feats, k, run_cfg, seed=stream_seed([seed, STABILITY, r]), images=sub_images,
+                            device=device).labels)
+    result.stability, result.seed_ari = seed_stability(result.labels[rows], runs, k)
+    result.timings["stability_s"] = time.time() - t
+    log.info("seed stability over %d run(s) on %d particles: ARI %.3f with the main run; class stability median %.2f, "
+             "min %.2f; %.1f s", cfg.stability_runs, len(rows), result.seed_ari, float(np.nanmedian(result.stability)),
+             float(np.nanmin(result.stability)), result.timings["stability_s"])
     return result
 
 
@@ -390,8 +431,8 @@ def shard_rows(shard_stars) -> np.ndarray:
 
 
 def write_assignments(res, rows: np.ndarray, out_dir) -> dict:
-    """labels.npy (n,) int32 and assignments.npz (per-particle arrays, centroids, objective) in
-    input order, written atomically. Returns the arrays."""
+    """labels.npy (n,) int32 and assignments.npz (per-particle arrays in input order, centroids,
+    objective, seed stability: `stability_arrays`), written atomically. Returns the arrays."""
     from clcluster.io.atomic import atomic_path, save_npy
 
     order = np.argsort(rows)
@@ -400,8 +441,17 @@ def write_assignments(res, rows: np.ndarray, out_dir) -> dict:
     out = Path(out_dir)
     save_npy(out / "labels.npy", arrays["labels"].astype(np.int32))
     with atomic_path(out / "assignments.npz") as tmp:
-        np.savez(tmp, **arrays, objective=np.float64(res.objective if res.objective is not None else np.nan))
+        np.savez(tmp, **arrays, objective=np.float64(res.objective if res.objective is not None else np.nan),
+                 **stability_arrays(res))
     return arrays
+
+
+def stability_arrays(res: Clustering) -> dict:
+    """assignments.npz's seed-stability entries where the runs ran: `stability` (k,) float64 (NaN:
+    class empty on the subset) and `seed_ari` (0-d float64)."""
+    if res.stability is None:
+        return {}
+    return {"stability": np.asarray(res.stability, dtype=np.float64), "seed_ari": np.float64(res.seed_ari)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -418,5 +468,7 @@ def main(args: argparse.Namespace) -> int:
     res = cluster(feats, k, ClusterConfig.from_dict(cfg["cluster"]), seed=cfg["seed"], images=ShardSet(args.preprocessed),
                   device=args.device or cfg["device"])
     labels = write_assignments(res, rows, args.out_dir)["labels"]
+    if res.stability is not None:
+        log.info("seed stability: ARI %.3f; per class %s", res.seed_ari, np.round(res.stability, 2).tolist())
     log.info("clustered %d particles into %d classes (sizes %s)", len(rows), k, np.bincount(labels, minlength=k).tolist())
     return 0

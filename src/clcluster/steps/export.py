@@ -69,6 +69,7 @@ class ExportConfig:
     frc_threshold: float = 0.143
     junk_resolution_A: float = 0.0
     min_class_fraction: float = 0.01
+    min_stability: float = 0.0
     min_coherence_z: float = -3.0
     rescue_quantile: float = 0.05
     select: list = dataclasses.field(default_factory=list)
@@ -188,6 +189,8 @@ def write_model_star(path, quality: pd.DataFrame, apix: float, box: int, criteri
         "rlnClclusterSelected": quality["selected"].to_numpy().astype(np.int64),
         "rlnClclusterMeanDistance": quality["mean_distance"].to_numpy(dtype=np.float64),
     })
+    if "stability" in quality:
+        classes["rlnClclusterStability"] = quality["stability"].to_numpy(dtype=np.float64)
     with atomic_path(path) as tmp:
         starfile.write({"model_general": general, "model_classes": classes}, tmp, overwrite=True)
 
@@ -375,6 +378,7 @@ def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments
     res_A = np.where(counts >= 2, res_A, np.nan)
     q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
                       cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select, cfg.min_coherence_z)
+    q = add_stability(q, assignments.get("stability"), cfg.min_stability, bool(cfg.select))
     return Quality(q, res_A, curves, np.argsort(q["rank"].to_numpy()))
 
 
@@ -391,6 +395,30 @@ def rescue(images, labels, poses: Poses, quality: Quality, cfg: ExportConfig, wo
     return dataclasses.replace(quality, kept=r.kept, rescued=int((r.kept & ~selected[labels]).sum()))
 
 
+def add_stability(q: pd.DataFrame, stability, min_stability: float = 0.0, user_select: bool = False) -> pd.DataFrame:
+    """The cluster step's per-class seed stability (k,) (fraction of a class's particles that stay
+    together in runs with other seeds; NaN: not measured) as a `stability` column of the quality
+    table q, when given. With min_stability > 0, classes below it are suggested as junk too (and
+    dropped from the automatic selection unless the user chose the classes; at least the
+    best-ranked class stays selected); unmeasured classes are not judged by it."""
+    if stability is None:
+        return q
+    stability = np.asarray(stability, dtype=np.float64)
+    if stability.shape != (len(q),):
+        log.warning("seed stability for %d classes, %d in the export: not used", stability.size, len(q))
+        return q
+    q = q.copy()
+    q["stability"] = stability
+    if min_stability > 0:
+        unstable = np.nan_to_num(stability, nan=1.0) < min_stability
+        q.loc[unstable, "suggestion"] = "junk"
+        if not user_select:
+            q.loc[unstable, "selected"] = False
+            if not q["selected"].any() and (q["particles"] > 0).any():
+                q.loc[int(np.argmin(q["rank"].to_numpy())), "selected"] = True
+    return q
+
+
 def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Quality, cfg: ExportConfig) -> None:
     """class_averages.mrcs/.star, class_quality.csv, the gallery and the FRC plot."""
     counts = np.bincount(labels, minlength=k)
@@ -400,6 +428,7 @@ def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Q
     with atomic_path(out_dir / "class_quality.csv") as tmp:
         q.to_csv(tmp, index=False, float_format="%.4g")
     titles = [f"class {j + 1}  n={counts[j]}\n" + (f"{res_A[j]:.1f} Å" if np.isfinite(res_A[j]) else "–")
+              + (f"  s={q['stability'][j]:.2f}" if "stability" in q and np.isfinite(q["stability"][j]) else "")
               + ("  junk" if q["suggestion"][j] == "junk" else "") for j in range(k)]
     gallery(averages.full, counts, out_dir / "class_averages.png", cfg.gallery_columns, quality.order, titles,
             junk=(q["suggestion"] == "junk").to_numpy())
@@ -497,7 +526,9 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
         "selected_particles": int(len(sel_rows)), "rescued_particles": quality.rescued, "selection": "user list export.select" if cfg.select else
         f"automatic: fraction >= {cfg.min_class_fraction}, coherence z >= {cfg.min_coherence_z}"
         + (f", resolution <= {cfg.junk_resolution_A} Å" if cfg.junk_resolution_A > 0 else "")
+        + (f", seed stability >= {cfg.min_stability}" if cfg.min_stability > 0 and "stability" in q else "")
         + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}",
+        "seed_ari": float(assignments["seed_ari"]) if assignments.get("seed_ari") is not None else None,
         "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
                      "from": "original images, CTF-aware (Wiener)" if averages.source == "input"
                      else "preprocessed images (aligned means)", "wiener_snr": cfg.wiener_snr},
