@@ -255,6 +255,10 @@ def test_coherence_flags_a_catch_all_class():
     assert class_quality(labels, 8, res, score=ncc)["suggestion"].eq("good").all()  # criterion off
     same = np.repeat([0.30, 0.31, 0.29, 0.32, 0.30, 0.28, 0.31, 0.30], 40)
     assert class_quality(labels, 8, res, score=same, min_coherence_z=-3.0)["suggestion"].eq("good").all()
+    # nearly equal classes (a tiny MAD): a class 2.4 % below the median is not an outlier
+    tight = np.repeat([0.5054, 0.4999, 0.5078, 0.5013, 0.5097, 0.5133, 0.5056, 0.4942, 0.5084, 0.5073], 40)
+    ten = np.repeat(np.arange(10), 40)
+    assert class_quality(ten, 10, np.full(10, 15.0), score=tight, min_coherence_z=-3.0)["suggestion"].eq("good").all()
     few = np.repeat([0, 1, 2], 40)  # too few classes for a robust spread: no z-score, nothing flagged
     q = class_quality(few, 3, np.full(3, 15.0), score=ncc[:120], min_coherence_z=-3.0)
     assert q["coherence_z"].isna().all() and q["suggestion"].eq("good").all()

@@ -403,15 +403,18 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 # ---- quality and ranking -----------------------------------------------------------------------------
-# robust z-scores need a spread: at least this many non-empty classes, and a MAD floor (in NCC units)
+# robust z-scores need a spread: at least this many non-empty classes, and a floor on the spread
+# as a fraction of the median class's mean NCC: classes of different views differ by a few per
+# cent in how well their members match (more or less structure), which is no sign of junk
 MIN_CLASSES_FOR_COHERENCE = 5
-MIN_NCC_SPREAD = 1e-3
+MIN_RELATIVE_SPREAD = 0.05
 
 
 def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Robust z-score (K,) of each class's mean particle-to-average NCC against the other classes:
-    (mean_ncc - median) / (1.4826 MAD) over the non-empty classes (NaN for empty classes, and for
-    all when fewer than MIN_CLASSES_FOR_COHERENCE classes have members). A class far below the
+    (mean_ncc - median) / spread over the non-empty classes, spread = 1.4826 MAD but at least
+    MIN_RELATIVE_SPREAD x |median| (NaN for empty classes, and for all when fewer than
+    MIN_CLASSES_FOR_COHERENCE classes have members). A class far below the
     others holds particles that do not resemble their own average: junk gathered in a catch-all
     class (empty ice, carbon edges, blobs), which a half-set FRC ranks high because both halves
     are aligned to the same average."""
@@ -421,7 +424,7 @@ def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
     if ok.sum() < MIN_CLASSES_FOR_COHERENCE:
         return z
     med = np.median(m[ok])
-    spread = max(1.4826 * np.median(np.abs(m[ok] - med)), MIN_NCC_SPREAD)
+    spread = max(1.4826 * np.median(np.abs(m[ok] - med)), MIN_RELATIVE_SPREAD * abs(med), 1e-12)
     z[ok] = (m[ok] - med) / spread
     return z
 
