@@ -51,7 +51,7 @@ class PreprocessConfig:
     bg_radius_A: float = -1.0  # > 0: background radius in Å (of the working pixel size), overrides bg_radius_px
     lowpass_A: float = 0.0
     mask_radius_px: float = -1
-    whiten: bool = True
+    whiten: bool = False
     whiten_estimate: str = "images"  # images | background: where the noise spectrum is measured
     batch_size: int = 512
 
