@@ -107,6 +107,19 @@ def recentre(refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fourier_shift(refs, -c).astype(np.float32), -c
 
 
+def alignment_grid(box: int, n_angles: int, max_shift_px: int) -> PolarGrid:
+    """The polar grid of the alignment against class averages: n_angles rotation steps, integer
+    shifts within max_shift_px px, radii out to box//2 - 2 - max_shift_px px (at least 8)."""
+    return PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
+
+
+def centred_polar(means: np.ndarray, cache: PolarCache) -> torch.Tensor:
+    """Polar references (K, R, A) of Cartesian class averages (K, D, D), sampled about the box
+    centre on the grid of `cache` (the unshifted one of its offsets)."""
+    centre_offset = int(np.argmin(np.abs(cache.pg.offsets).sum(1)))
+    return polar_transform(torch.as_tensor(means, device=cache.device), cache.pg, cache.grid)[:, centre_offset]
+
+
 def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift_px=None, iterations: int = 4,
                        n_angles: int = 128, max_shift_px: int = 2, device: str = "cpu", batch_size: int = 512,
                        seed: int = 0, cache_mb: float = 1000, whiten: bool = False, centre: bool = False,
@@ -140,9 +153,8 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
     cartesian = whiten or centre or mask_radius > 0
     if whiten:
         images = FilteredImages(images, whitening_filter(images))
-    pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
+    pg = alignment_grid(box, n_angles, max_shift_px)
     cache = PolarCache(images, pg, device=device, batch_size=batch_size, max_bytes=cache_mb * 1e6)
-    centre_offset = int(np.argmin(np.abs(pg.offsets).sum(1)))
     mask = circular_mask(box, mask_radius * box, soft_edge=0.1 * box) if mask_radius > 0 else None
 
     def polar_refs(a, s):
@@ -151,7 +163,7 @@ def refine_class_poses(images, labels: np.ndarray, k: int, angle_deg=None, shift
             means, _ = recentre(means)
         if mask is not None:
             means = means * mask
-        return polar_transform(torch.as_tensor(means, device=cache.device), pg, cache.grid)[:, centre_offset]
+        return centred_polar(means, cache)
 
     if angle_deg is not None:
         refs = polar_refs(angle_deg, shift_px)
@@ -198,10 +210,9 @@ def rescue_particles(images, labels: np.ndarray, selected: np.ndarray, angle_deg
     box = images.shape[-1]
     sel = np.flatnonzero(selected)
     means = aligned_means(images, labels, len(selected), angle_deg, shift_px, batch_size)[sel]
-    pg = PolarGrid(box, n_radii=max(8, box // 2 - 2 - max_shift_px), n_angles=n_angles, max_shift=max_shift_px)
-    cache = PolarCache(images, pg, device=device, batch_size=batch_size, max_bytes=cache_mb * 1e6)
-    centre_offset = int(np.argmin(np.abs(pg.offsets).sum(1)))
-    refs = polar_transform(torch.as_tensor(means, device=cache.device), pg, cache.grid)[:, centre_offset]
+    cache = PolarCache(images, alignment_grid(box, n_angles, max_shift_px), device=device, batch_size=batch_size,
+                       max_bytes=cache_mb * 1e6)
+    refs = centred_polar(means, cache)
     res, _, _ = align_all(cache, refs, None, accumulate=False)
     threshold = float(np.quantile(res.score[member], quantile))
     kept = member | (res.score >= threshold)
