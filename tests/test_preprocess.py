@@ -118,7 +118,7 @@ def test_preprocess_table_whitening_and_no_ctf(sim_star, tmp_path):
     star, sim, cfg = sim_star
     table = read_star(star).subset(np.arange(128))
     pc = PreprocessConfig(box=32, batch_size=50, ctf="none", whiten=True)
-    meta = preprocess_table(table, tmp_path / "w.npy", pc, device="cpu", spectrum_images=100)
+    meta = preprocess_table(table, tmp_path / "w.npy", pc, device="cpu")
     out = np.load(tmp_path / "w.npy").astype(np.float32)
     assert meta["star_labels"]["rlnCtfDataArePhaseFlipped"] == 0 and meta["whitened"]
     assert "whiten" in meta["steps"] and len(meta["noise_spectrum"]) == 17
@@ -129,10 +129,55 @@ def test_preprocess_table_whitening_and_no_ctf(sim_star, tmp_path):
     assert np.allclose(bg.mean(1), 0, atol=2e-3) and np.allclose(bg.std(1), 1, atol=5e-3)
     # the background estimate: the same driver, a spectrum measured outside bg_radius only
     pb = PreprocessConfig(box=32, batch_size=50, ctf="none", whiten=True, whiten_estimate="background")
-    mb = preprocess_table(table, tmp_path / "b.npy", pb, device="cpu", spectrum_images=100)
-    ref = estimate_noise_spectrum(preprocess_batch(sim.images[:100], None, cfg.apix, pb, mask=False), pb)
+    mb = preprocess_table(table, tmp_path / "b.npy", pb, device="cpu")
+    ref = estimate_noise_spectrum(preprocess_batch(sim.images[:128], None, cfg.apix, pb, mask=False), pb)
     assert np.allclose(mb["noise_spectrum"], ref, rtol=2e-2)
     assert not np.allclose(mb["noise_spectrum"], meta["noise_spectrum"], rtol=2e-2)
+
+
+def test_spectrum_rows_are_evenly_spaced_over_the_whole_set():
+    assert pp.spectrum_rows(0).size == 0
+    assert list(pp.spectrum_rows(5, 2000)) == [0, 1, 2, 3, 4]
+    rows = pp.spectrum_rows(10_000, 2000)
+    assert rows.size == 2000 and rows[0] == 0 and rows[-1] == 9_999 and set(np.diff(rows)) <= {5, 6}
+
+
+def test_shards_whitened_by_the_sets_spectrum_equal_the_unsharded_set(sim_star, tmp_path):
+    """One spectrum for the whole set: preprocessing two shards with it gives the same pixels
+    as preprocessing the whole set at once (which estimates the same spectrum itself), while
+    each shard's own spectrum would differ."""
+    star, _, _ = sim_star
+    table = read_star(star).subset(np.arange(200))
+    pc = PreprocessConfig(box=32, batch_size=64, whiten=True)
+    spectrum = pp.table_noise_spectrum(table, pc, "cpu")
+    whole = preprocess_table(table, tmp_path / "all.npy", pc, device="cpu")
+    assert np.allclose(whole["noise_spectrum"], spectrum, rtol=1e-12)
+    parts = [table.subset(np.arange(0, 120)), table.subset(np.arange(120, 200))]
+    for i, part in enumerate(parts):
+        preprocess_table(part, tmp_path / f"s{i}.npy", pc, device="cpu", spectrum=spectrum)
+    sharded = np.concatenate([np.load(tmp_path / f"s{i}.npy") for i in range(2)])
+    assert np.array_equal(sharded, np.load(tmp_path / "all.npy"))
+    own = pp.table_noise_spectrum(parts[1], pc, "cpu")
+    assert not np.allclose(own, spectrum, rtol=1e-3)
+
+
+def test_spectrum_file_round_trip_and_refusals(sim_star, tmp_path):
+    star, _, _ = sim_star
+    table = read_star(star).subset(np.arange(40))
+    pc = PreprocessConfig(box=32, whiten=True)
+    spectrum = pp.table_noise_spectrum(table, pc, "cpu")
+    pp.write_spectrum(tmp_path / "s.json", spectrum, table, pc)
+    assert np.array_equal(pp.read_spectrum(tmp_path / "s.json", 32), spectrum)
+    with pytest.raises(ValueError, match=r"s\.json: the noise spectrum is for a 32 px box, the working box is 64 px"):
+        pp.read_spectrum(tmp_path / "s.json", 64)
+    bad = json.loads((tmp_path / "s.json").read_text())
+    bad["noise_spectrum"][3] = -1.0
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="bad.json: the noise spectrum has non-finite or non-positive power"):
+        pp.read_spectrum(tmp_path / "bad.json", 32)
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ValueError, match="junk.json: not a noise spectrum file"):
+        pp.read_spectrum(tmp_path / "junk.json", 32)
 
 
 def test_preprocess_table_memory_does_not_grow_with_the_shard(sim_star, tmp_path):

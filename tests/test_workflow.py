@@ -69,6 +69,13 @@ def test_sharded_tiny_memory_run_equals_unsharded_run(demo_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(list((again / "shards").glob("shard_*.star"))) == 1
     assert len(list((results / "shards").glob("shard_*.star"))) == 3
+    # whitening (the default) used one spectrum for the whole set in both runs
+    # (summed over batches of other sizes: equal up to float64 rounding)
+    spectrum = json.loads((results / "preprocessed/noise_spectrum.json").read_text())["noise_spectrum"]
+    assert np.allclose(spectrum, json.loads((again / "preprocessed/noise_spectrum.json").read_text())["noise_spectrum"],
+                       rtol=1e-12)
+    for side in (results / "preprocessed").glob("shard_*.json"):
+        assert json.loads(side.read_text())["noise_spectrum"] == spectrum, side
     sharded, whole = np.load(results / "clusters/labels.npy"), np.load(again / "clusters/labels.npy")
     assert len(sharded) == len(whole) == 160
     assert np.array_equal(sharded, whole)
@@ -113,7 +120,7 @@ def test_each_rule_reruns_only_when_its_own_settings_change(demo_run, tmp_path):
     """Each rule reads only its step's settings: a cosmetic export key must not plan hours of
     training and clustering again; a training key reruns training and what follows it only; the
     number of classes reruns the clustering and what follows, the CTF correction the
-    preprocessing and what follows."""
+    preprocessing (the noise spectrum included) and what follows."""
     results, _ = demo_run
     assert planned_jobs(results) == {}
     gallery = tmp_path / "gallery.yaml"
@@ -132,5 +139,5 @@ def test_each_rule_reruns_only_when_its_own_settings_change(demo_run, tmp_path):
     # the CTF correction: preprocessing and what follows; not the simulation, check or sharding
     ctf = tmp_path / "ctf.yaml"
     ctf.write_text("preprocess:\n  ctf: wiener\n")
-    assert set(planned_jobs(results, ctf)) == {"step_config", "preprocess_shard", "embed_shard", "train_encoder",
-                                                "cluster_embeddings", "export_classes", "score_demo"}
+    assert set(planned_jobs(results, ctf)) == {"step_config", "noise_spectrum", "preprocess_shard", "embed_shard",
+                                                "train_encoder", "cluster_embeddings", "export_classes", "score_demo"}

@@ -1,8 +1,37 @@
-# Per shard: CTF correction, Fourier crop, normalisation (CuPy on a GPU, NumPy otherwise).
+# Per shard: CTF correction, Fourier crop, normalisation, whitening (CuPy on a GPU, NumPy otherwise).
+
+# preprocess.whiten: one noise spectrum for the whole set, estimated before the shards are
+# preprocessed, so that every shard is whitened alike whatever shard.size is.
+SPECTRUM = dict(spectrum=f"{R}/preprocessed/noise_spectrum.json") if config["preprocess"]["whiten"] else {}
+
+
+rule noise_spectrum:
+    """The particle set's radial noise spectrum (from evenly spaced particles) for whitening."""
+    input:
+        star=particles_file(),
+        check=rules.check_particles.output.report,
+        config=step_config("preprocess"),
+    output:
+        f"{R}/preprocessed/noise_spectrum.json",
+    log:
+        f"{R}/logs/noise_spectrum.log",
+    benchmark:
+        f"{R}/benchmarks/noise_spectrum.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        root=root_option(),
+    shell:
+        "clcluster preprocess {input.star:q} --spectrum-out {output:q} {params.root} --config {input.config:q} "
+        "> {log:q} 2>&1"
 
 
 rule preprocess_shard:
     input:
+        **SPECTRUM,
         star=f"{R}/shards/shard_{{shard}}.star",
         config=step_config("preprocess"),
     output:
@@ -17,8 +46,11 @@ rule preprocess_shard:
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        spectrum=f"--noise-spectrum {shlex.quote(SPECTRUM['spectrum'])}" if SPECTRUM else "",
     shell:
-        "clcluster preprocess {input.star:q} --out {output.images:q} --config {input.config:q} > {log:q} 2>&1"
+        "clcluster preprocess {input.star:q} --out {output.images:q} {params.spectrum} --config {input.config:q} "
+        "> {log:q} 2>&1"
 
 
 rule embed_shard:

@@ -66,14 +66,13 @@ def stack_config(spec: str, views: int, images_per_view: int, box: int, seed: in
                             min_separation_deg=30.0 if views <= 12 else 12.0, **volume_setup(spec, ribosome_path))
 
 
-def prepare(images, ctf, apix, pp_cfg, spectrum_images: int = 2000, spectrum=None):
+def prepare(images, ctf, apix, pp_cfg, spectrum=None):
     """The pipeline's preprocessing of a stack (n, D, D) at apix Å/px, as `preprocess_table`
-    does it: with pp_cfg.whiten, the radial noise spectrum of the first `spectrum_images`
-    unmasked images (`estimate_noise_spectrum`, pp_cfg.whiten_estimate), or `spectrum`
-    ((box//2+1,) per working-box shell) where given, then whitening, background normalisation
-    and the mask."""
-    from clcluster.image.imageops import normalise_background
-    from clcluster.steps.preprocess import apply_mask, estimate_noise_spectrum, preprocess_batch, whiten
+    does it: with pp_cfg.whiten, the radial noise spectrum of the evenly spaced particles
+    `spectrum_rows(n)` (unmasked; pp_cfg.whiten_estimate), or `spectrum` ((box//2+1,) per
+    working-box shell) where given, then `whiten_batch` (whitening, background normalisation,
+    the mask). -> (n, box, box) float32."""
+    from clcluster.steps.preprocess import estimate_noise_spectrum, preprocess_batch, spectrum_rows, whiten_batch
 
     x = np.concatenate([preprocess_batch(images[s:s + 512], ctf.subset(np.arange(s, min(len(images), s + 512))), apix, pp_cfg,
                                          mask=not pp_cfg.whiten)
@@ -81,9 +80,8 @@ def prepare(images, ctf, apix, pp_cfg, spectrum_images: int = 2000, spectrum=Non
     if pp_cfg.whiten:
         work_apix = apix * images.shape[-1] / pp_cfg.box
         if spectrum is None:
-            spectrum = estimate_noise_spectrum(x[:spectrum_images], pp_cfg, work_apix)
-        x = whiten(x, spectrum)
-        x = apply_mask(normalise_background(x, pp_cfg.bg_radius(work_apix)), pp_cfg).astype(np.float32)
+            spectrum = estimate_noise_spectrum(x[spectrum_rows(len(x))], pp_cfg, work_apix)
+        x = whiten_batch(x, spectrum, pp_cfg, work_apix).astype(np.float32)
     return x
 
 

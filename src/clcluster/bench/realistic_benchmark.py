@@ -55,43 +55,24 @@ class RealisticBenchmarkConfig:
 # ---------------------------------------------------------------------------------------------
 def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_cfg: dict, seed: int = 0,
                         angle_deg=None, shift_px=None, average_images=None, stability=None):
-    """The export's automatic class selection on preprocessed images (n, D, D) at `apix` Å/px:
-    reference-free alignment within each class (from the classifier's poses where given and
-    `export.start_from_cluster_pose`, as the export does), aligned means and half-set averages,
-    FRC resolution, `class_quality` (FRC, size and coherence criteria), then the particles of
-    junk-suggested classes that `rescue_particles` keeps. The poses come from `images`; the averages are taken of
+    """The export's automatic class selection (`steps.export`: class_poses -> make_averages ->
+    assess_quality -> rescue) on preprocessed images (n, D, D) at `apix` Å/px, with the
+    averages of the working box (the benchmark has no original stacks, so no pose refinement at
+    the input pixel size). The poses come from `images` (starting from the classifier's poses
+    angle_deg (n,) degrees and shift_px (n, 2) px where given); the averages are taken of
     `average_images` where given (the export averages the original images, not whitened ones);
-    `stability` (k,): the cluster step's per-class seed stability, used as the export uses it
-    (`export.add_stability`, export.min_stability).
+    `stability` (k,): the cluster step's per-class seed stability.
     -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
-    from clcluster.em.averages import (aligned_means, class_quality, half_set_resolution, refine_class_poses,
-                                       rescue_particles, split_halves)
-    from clcluster.steps.export import ExportConfig, add_stability
+    from clcluster.em.averages import split_halves
+    from clcluster.steps.export import ExportConfig, assess_quality, class_poses, make_averages, rescue
 
     ec = ExportConfig.from_dict(export_cfg)
-    if angle_deg is None or not ec.start_from_cluster_pose:
-        angle_deg = shift_px = None
-    poses = refine_class_poses(images, labels, k, angle_deg, shift_px, iterations=ec.align_iterations, n_angles=ec.align_angles,
-                               max_shift_px=ec.align_max_shift_px, seed=seed, batch_size=ec.batch_size,
-                               cache_mb=ec.cache_mb, whiten=ec.align_whiten, centre=ec.align_centre,
-                               mask_radius=ec.align_mask_radius, starts=ec.align_starts)
-    src = images if average_images is None else average_images
-    avgs = aligned_means(src, labels, k, poses.angle_deg, poses.shift_px)
-    halves = split_halves(labels, seed)
-    half = np.stack([aligned_means(src, np.where(halves == h, labels, k), k + 1, poses.angle_deg,
-                                   poses.shift_px)[:k] for h in (0, 1)])
-    res_A, _ = half_set_resolution(half, apix, ec.frc_threshold)
-    counts = np.bincount(labels, minlength=k)
-    res_A = np.where(counts >= 2, res_A, np.nan)
-    q = class_quality(labels, k, res_A, None, None, poses.score, ec.junk_resolution_A, ec.min_class_fraction,
-                      min_coherence_z=ec.min_coherence_z)
-    q = add_stability(q, stability, ec.min_stability)
-    kept = q["selected"].to_numpy()[labels]
-    if ec.rescue_quantile > 0 and not ec.select:
-        kept = rescue_particles(images, labels, q["selected"].to_numpy(), poses.angle_deg, poses.shift_px, ec.rescue_quantile,
-                                n_angles=ec.align_angles, max_shift_px=ec.align_max_shift_px, batch_size=ec.batch_size,
-                                cache_mb=ec.cache_mb).kept
-    return kept, avgs, q
+    assignments = {"angle_deg": angle_deg, "shift_px": shift_px, "stability": stability}
+    poses = class_poses(images, labels, k, assignments, apix, ec, "cpu", seed)
+    source = images if average_images is None else average_images
+    averages = make_averages(None, source, labels, k, poses, split_halves(labels, seed), ec, "working", apix)
+    quality = rescue(images, labels, poses, assess_quality(labels, k, averages, poses, assignments, ec), ec, apix, "cpu")
+    return quality.kept, averages.full, quality.table
 
 
 def template_matching(images, references: np.ndarray, ref_dirs: np.ndarray, k: int, max_shift_px: int, seed: int = 0):

@@ -469,7 +469,7 @@ def _validate(table, labels, images, k: int) -> None:
         raise IntegrityError(f"{len(images)} preprocessed images for {n} input particles")
 
 
-def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_dir, cfg: ExportConfig | dict | int | None = None,
+def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_dir, cfg: ExportConfig | dict | None = None,
            embeddings=None, device: str = "cpu", seed: int = 0) -> dict:
     """Write the exports into `out_dir`: poses -> averages -> (pose refinement -> averages) ->
     quality -> writers.
@@ -478,8 +478,6 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
     "margin"); images: the preprocessed particles in input order (array-like (n, box, box));
     meta: the preprocessed shards' sidecar (apix_A of `images`, input_apix_A, ...) or just the
     working pixel size in Å/px; embeddings: (n, d) features in input order (for the t-SNE map)."""
-    if isinstance(cfg, int):  # older signature: gallery_columns
-        cfg = ExportConfig(gallery_columns=cfg)
     cfg = cfg if isinstance(cfg, ExportConfig) else ExportConfig.from_dict(cfg)
     meta = {"apix_A": float(meta)} if not isinstance(meta, dict) else dict(meta)
     out_dir = Path(out_dir)
