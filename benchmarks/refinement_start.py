@@ -9,8 +9,14 @@ partition) and `random` (random labels). Stages: one hard-EM pass and the defaul
 chain (`cluster.refine_chain`, which starts from each class's unaligned, rotationally blurred
 mean); the ML2D stage (`ml2d.polish`) started from the true poses, and from poses found by the
 export's reference-free in-class alignment (`averages.refine_class_poses` with re-centring,
-a 0.4-box mask and +-4 px shifts), after 3 and 10 iterations. Also printed: how the junk kinds
+a 0.4-box mask and +-4 px shifts), after 3 and 10 iterations; the refinement chain started
+from that alignment's class means instead of the blurred ones. Also printed: how the junk kinds
 spread over the classes after 10 ML2D iterations from the true poses.
+
+    python benchmarks/refinement_start.py --chain-only --starts truth cl
+
+runs only the chain from blurred and from aligned class means; `cl` is the pipeline's own start
+(the contrastive embedding's K-means classes, the default config's training).
 """
 from __future__ import annotations
 
@@ -20,15 +26,19 @@ import time
 
 import numpy as np
 
-from clcluster.bench.benchmark import prepare
+import tempfile
+from pathlib import Path
+
+from clcluster.bench.benchmark import embed_stack, prepare
 from clcluster.bench.realistic_benchmark import truth_partition
 from clcluster.bench.realistic_scores import coherence_references, median_view_angle, view_score
 from clcluster.core.config import load_config
 from clcluster.em.align import PolarCache, PolarGrid, hard_em
-from clcluster.em.averages import refine_class_poses
+from clcluster.em.averages import aligned_means, centred_polar, recentre, refine_class_poses
+from clcluster.image.imageops import circular_mask
 from clcluster.em.ml2d import polish
 from clcluster.sim.realistic import PARTICLE, RealisticConfig, add_coloured_noise, simulate_realistic_clean
-from clcluster.steps.cluster import ClusterConfig, refine_chain
+from clcluster.steps.cluster import ClusterConfig, assign, kmeans, refine_chain
 from clcluster.steps.preprocess import PreprocessConfig
 from clcluster.steps.simulate import SimulationConfig, load_volume
 
@@ -49,12 +59,31 @@ def realistic_stack(ribosome: str, particles: int, snr: float, cfg: dict):
     return images, truth, good, poses
 
 
+def aligned_class_means(images, labels: np.ndarray, cache: PolarCache):
+    """Polar references (K, R, A) on `cache`'s grid: each class's members aligned to their own
+    running average (re-centred, 0.4-box mask, +-4 px, 6 iterations), averaged, re-centred and masked."""
+    box = images.shape[-1]
+    cp = refine_class_poses(images, labels, K, iterations=6, n_angles=64, max_shift_px=4, centre=True, mask_radius=0.4)
+    means, _ = recentre(aligned_means(images, labels, K, cp.angle_deg, cp.shift_px))
+    return centred_polar(means * circular_mask(box, 0.4 * box, soft_edge=0.1 * box), cache)
+
+
+def embedding_start(images, cfg: dict) -> np.ndarray:
+    """The pipeline's own start: K-means classes of the contrastive embedding (default training)."""
+    with tempfile.TemporaryDirectory() as d:
+        feats = embed_stack(images, cfg, 0, Path(d), 10.0)
+    feats = feats.astype(np.float32)
+    return assign(feats, kmeans(feats, K, 10, 0, 200000), 1)[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--particles", type=int, default=2000)
     ap.add_argument("--snr", type=float, default=0.05)
     ap.add_argument("--ribosome", default="../shared/data/volumes/clean70SRibosome_vol_65p.mrc")
     ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--starts", nargs="+", default=["truth", "random"], choices=["truth", "random", "cl"])
+    ap.add_argument("--chain-only", action="store_true", help="only the chain from blurred and from aligned class means")
     a = ap.parse_args()
     cfg = load_config(a.config)
     cc = ClusterConfig.from_dict(cfg["cluster"])
@@ -69,10 +98,19 @@ def main() -> None:
     print(f"K-means on the true directions {coh['kmeans_truth_deg']:.1f} deg, random labels {coh['random_deg']:.1f} deg\n")
     print("| start | stage | view median (deg) | view score | seconds |\n|---|---|---|---|---|")
     cache = PolarCache(images, PolarGrid(images.shape[-1], n_angles=cc.refine_angles, max_shift=cc.refine_max_shift_px))
-    starts = {"truth": truth_partition(dirs, good, K, 0), "random": np.random.default_rng(5).integers(0, K, len(images))}
+    make = {"truth": lambda: truth_partition(dirs, good, K, 0), "random": lambda: np.random.default_rng(5).integers(0, K, len(images)),
+            "cl": lambda: embedding_start(images, cfg)}
+    starts = {name: make[name]() for name in a.starts}
     for name, lab0 in starts.items():
         t = time.time()
         row(name, "the start itself", lab0, t)
+        if a.chain_only:
+            for start, refs0 in (("blurred", None), ("aligned", aligned_class_means(images, lab0, cache))):
+                t = time.time()
+                res, ml = refine_chain(cache, images, lab0, None, K, cc, 0, 0, every_pass_wide=True, refs0=refs0)
+                row(name, f"refinement chain from {start} class means: annealed EM", res.alignment.labels, t)
+                row(name, f"refinement chain from {start} class means: then ML2D stage", ml.labels, t)
+            continue
         row(name, "one hard-EM pass (blurred class means)", hard_em(cache, lab0, K, None, 1, seed=0).alignment.labels, t)
         t = time.time()
         res, ml = refine_chain(cache, images, lab0, None, K, cc, 0, 0, every_pass_wide=True)
@@ -83,6 +121,8 @@ def main() -> None:
         for it in (3, 10):
             row(name, f"in-class alignment, then ML2D {it} iterations",
                 polish(images, lab0, cp.angle_deg, cp.shift_px, K, max_iter=it, n_rotations=64, max_shift=3).labels, t)
+    if a.chain_only or "truth" not in starts:
+        return
     t = time.time()
     lab0 = starts["truth"]
     for it in (1, 10):

@@ -224,17 +224,19 @@ def annealed_passes(k: int, cfg: ClusterConfig) -> int:
 
 
 def refine_chain(cache: PolarCache, images, labels0: np.ndarray, candidates: np.ndarray, k: int, cfg: ClusterConfig,
-                 seed: int = 0, restart: int = 0, device="cpu", every_pass_wide: bool = False):
+                 seed: int = 0, restart: int = 0, device="cpu", every_pass_wide: bool = False, refs0=None):
     """One refinement from a starting partition labels0 (n,) with embedding candidates (n, m)
     (None: every pass over all K classes): annealed alignment EM (or hard EM; every pass a wide
     one with every_pass_wide; at most `refine_lean_iterations` passes where the guards do not
     apply), split-and-merge moves (where `guards_apply`), then the ML2D stage from its classes
-    and poses, as `cfg` sets them. Returns (RefineResult, ML2DResult or None)."""
+    and poses, as `cfg` sets them. refs0 (K, R, A) polar references on `cache`'s grid: the
+    annealed EM's start instead of labels0's unaligned class means. Returns (RefineResult,
+    ML2DResult or None)."""
     iterations = annealed_passes(k, cfg)
     if cfg.refine_method == "soft":
         res = soft_em(cache, labels0, k, candidates, iterations, cfg.refine_anneal_iterations,
                       seed=seed + restart, log=log.info, full_every=1 if every_pass_wide else cfg.refine_full_every,
-                      top_m=cfg.candidates, wide=cfg.refine_wide)
+                      top_m=cfg.candidates, wide=cfg.refine_wide, refs0=refs0)
     else:
         res = hard_em(cache, labels0, k, candidates, iterations, seed=seed + restart, log=log.info)
     res = dataclasses.replace(res, restart=restart)
