@@ -84,12 +84,3 @@ def test_wide_passes_compare_only_similar_classes(monkeypatch):
     out = al.soft_em(cache, start, 6, near, max_iter=8, anneal_iterations=2, seed=0, full_every=2, top_m=2, wide=3)
     assert seen and None not in seen and seen[0] == 2 + 3  # wide pass: 2 candidates + 3 similar classes
     assert hungarian_accuracy(truth, out.alignment.labels) >= 0.95
-
-
-def test_repeated_candidates_mark_every_later_copy_of_a_class():
-    import torch
-
-    from clcluster.em.align import repeated_candidates
-
-    cand = torch.tensor([[2, 0, 2, 2], [1, 3, 0, 2]])
-    assert repeated_candidates(cand).tolist() == [[False, False, True, True], [False, False, False, False]]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clcluster.core.rng import SPLIT_MERGE_OFFSET
+from clcluster.em import estep
 from clcluster.image.polar import grid_sample_coordinates, linear_radii, polar_coordinates
 
 # An EM pass that changes fewer than this fraction of the labels has converged (0.2 %: the
@@ -96,12 +97,6 @@ def rotational_correlation(pf: torch.Tensor, qf: torch.Tensor, n_angles: int, pe
     return torch.fft.irfft(prod, n=n_angles, dim=-1)
 
 
-def repeated_candidates(cand: torch.Tensor) -> torch.Tensor:
-    """(n, c) bool: True where a particle's candidate class cand (n, c) already appears earlier
-    in its list (such entries get posterior 0 in the E-steps, so a class counts once)."""
-    return (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)
-
-
 @dataclasses.dataclass
 class Alignment:
     """Best class, score and pose of each particle."""
@@ -126,8 +121,8 @@ def align_batch(pf: torch.Tensor, ref_f: torch.Tensor, pg: PolarGrid, candidates
 
 
 def best_pose(corr: torch.Tensor, candidates: torch.Tensor | None):
-    """From correlations (n, S, K', A): best class (an index into `candidates` mapped back to a
-    class when given), its score, rotation index, offset index, the second-best class's score,
+    """From correlations (n, S, K', A): best class (an index into `candidates` (K',) or (n, K')
+    mapped back to a class when given), its score, rotation index, offset index, the second-best class's score,
     and the best score per class over poses (n, K')."""
     n, s, k, a = corr.shape
     best_over_pose, arg_pose = corr.permute(0, 2, 1, 3).reshape(n, k, s * a).max(dim=-1)  # (n, k)
@@ -136,13 +131,15 @@ def best_pose(corr: torch.Tensor, candidates: torch.Tensor | None):
     pose = arg_pose.gather(1, cls[:, None])[:, 0]
     second = top.values[:, 1] if k > 1 else torch.full_like(top.values[:, 0], -1.0)
     if candidates is not None:
-        cls = candidates.gather(1, cls[:, None])[:, 0]
+        cls = candidates[cls] if candidates.dim() == 1 else candidates.gather(1, cls[:, None])[:, 0]
     return cls, top.values[:, 0], pose % a, pose // a, second, best_over_pose
 
 
 class PolarCache:
     """Image polars (rFFT along angle) for a fixed image set, computed batch by batch; kept in
-    memory only while they fit in `max_bytes`, else recomputed from `images` each pass."""
+    memory only while they fit in `max_bytes`, else recomputed from `images` each pass.
+    Iterating gives (first row, angular spectra (M, b*S, R)) per batch, the layout of the
+    E-step engine (`estep`); `estep.image_major` views them as (b, S, R, M)."""
 
     def __init__(self, images, pg: PolarGrid, device="cpu", batch_size: int = 512, max_bytes: float = 2e9):
         """images: (n, D, D) array-like whose slices give float images (NumPy array, memory map,
@@ -159,7 +156,7 @@ class PolarCache:
     def _compute(self):
         for s in range(0, len(self.images), self.bs):
             x = torch.as_tensor(np.asarray(self.images[s:s + self.bs], dtype=np.float32), device=self.device)
-            yield s, torch.fft.rfft(polar_transform(x, self.pg, self.grid), dim=-1)
+            yield s, estep.angular_spectrum(polar_transform(x, self.pg, self.grid))
 
     def __iter__(self):
         return iter(self.cache) if self.cache is not None else self._compute()
@@ -181,7 +178,8 @@ def align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.ndarra
     sums = torch.zeros((k, pg.n_radii, pg.n_angles), device=cache.device) if accumulate else None
     counts = torch.zeros(k, device=cache.device)
     cand_t = torch.as_tensor(candidates, device=cache.device) if candidates is not None else None
-    for s, pf in cache:
+    for s, spec in cache:
+        pf = estep.image_major(spec, pg.n_shifts)
         b = pf.shape[0]
         cand = cand_t[s:s + b] if cand_t is not None else None
         cls, score, rot, off, second = align_batch(pf, ref_f, pg, cand)
@@ -204,57 +202,47 @@ def soft_align_all(cache: PolarCache, refs_polar: torch.Tensor, candidates: np.n
                    log_prior: torch.Tensor, top_m: int = 0):
     """One soft-EM pass: responsibilities over candidate classes x shifts x rotations,
     w ∝ prior_k exp(beta * NCC), and the new references as responsibility-weighted sums of the
-    particles brought into each class's frame (all rotations at once in Fourier space:
-    sum_tau w(tau) p(theta + tau) has DFT conj(W(f)) P(f)). Returns (hard Alignment of the
-    most probable pose, new references (K, R, A), class weights (K,), and with top_m > 0 the
-    top_m best-scoring classes of each particle (n, top_m) or None). Repeated candidates of a
-    particle count once."""
+    particles brought into each class's frame (the E-step engine `estep`, with candidates None
+    as the list of all classes). Returns (hard Alignment of the best-scoring pose, new
+    references (K, R, A), class weights (K,), and with top_m > 0 the top_m best-scoring classes
+    of each particle (n, top_m) or None). Repeated candidates of a particle count once."""
     pg = cache.pg
     k = refs_polar.shape[0]
-    ref_f = torch.fft.rfft(unit(refs_polar), dim=-1)
+    wq = torch.fft.rfft(unit(refs_polar), dim=-1).permute(2, 0, 1).conj()  # (M, K, R): scores are NCC
+    bias = log_prior[None, :].expand(pg.n_shifts, -1)
     n = len(cache)
-    sums = torch.zeros((k, pg.n_radii, pg.n_angles // 2 + 1), dtype=torch.complex64, device=cache.device)
+    sums = torch.zeros((pg.n_angles // 2 + 1, k, pg.n_radii), dtype=torch.complex64, device=cache.device)
     weights = torch.zeros(k, device=cache.device)
     hard = {key: np.empty(n, dt) for key, dt in (("labels", np.int64), ("score", np.float32), ("rot", np.int64),
                                                   ("off", np.int64), ("second", np.float32))}
     cand_t = torch.as_tensor(candidates, device=cache.device) if candidates is not None else None
+    every = estep.all_classes(k, cache.device)
     top_classes = np.empty((n, top_m), np.int64) if top_m else None
-    for s, pf in cache:
-        b = pf.shape[0]
-        cand = cand_t[s:s + b] if cand_t is not None else None
-        corr = rotational_correlation(pf, ref_f[cand] if cand is not None else ref_f, pg.n_angles, per_particle=cand is not None)
-        kk = corr.shape[2]
-        prior = log_prior[cand] if cand is not None else log_prior[None].expand(b, -1)  # (b, kk)
-        if cand is not None:  # a class listed twice for a particle counts once
-            prior = prior.masked_fill(repeated_candidates(cand), float("-inf"))
-        logits = beta * corr + prior[:, None, :, None]
-        flat = logits.reshape(b, -1)
-        resp = torch.softmax(flat, dim=1).reshape(corr.shape)  # (b, S, kk, A)
-        wf = torch.fft.rfft(resp, dim=-1)  # (b, S, kk, F)
-        wk = resp.sum(dim=(1, 3))  # (b, kk)
-        if cand is not None:
-            # sum over shifts of conj(W) P: one small matrix product per (particle, frequency)
-            contrib = torch.matmul(wf.conj().permute(0, 3, 2, 1), pf.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (b, kk, R, F)
-            sums.index_add_(0, cand.reshape(-1), contrib.reshape(b * kk, pg.n_radii, -1))
-            weights.index_add_(0, cand.reshape(-1), wk.reshape(-1))
-        else:
-            # every particle against every class: sum over particles and shifts in one product per frequency
-            f = wf.shape[-1]
-            sums += torch.matmul(wf.conj().permute(3, 2, 0, 1).reshape(f, kk, -1),
-                                 pf.permute(3, 0, 1, 2).reshape(f, -1, pg.n_radii)).permute(1, 2, 0)
-            weights += wk.sum(0)
+    for s, spec in cache:
+        b = spec.shape[1] // pg.n_shifts
+        cand = cand_t[s:s + b] if cand_t is not None else every
+        corr = estep.scores(spec, wq, cand, pg.n_shifts, pg.n_angles)  # (b, S, c, A) NCC
         # most probable pose, for the hard labels and the objective
         cls, score, rot, off, second, best_over_pose = best_pose(corr, cand)
         if top_m:
-            t = best_over_pose.topk(min(top_m, kk), dim=1).indices
-            t = cand.gather(1, t) if cand is not None else t
-            top_classes[s:s + b] = t.cpu().numpy() if t.shape[1] == top_m else np.pad(t.cpu().numpy(), ((0, 0), (0, top_m - t.shape[1])), mode="edge")
+            top_classes[s:s + b] = _top_classes(best_over_pose, cand, top_m)
         for key, v in (("labels", cls), ("score", score), ("rot", rot), ("off", off), ("second", second)):
             hard[key][s:s + b] = v.cpu().numpy()
+        post = estep.posterior(corr, bias, cand, scale=beta)
+        estep.back_project(post, spec, sums)
+        weights += post.class_probability(k).sum(0)
     rot_deg = (-hard["rot"] % pg.n_angles) * (360.0 / pg.n_angles)
     res = Alignment(hard["labels"], hard["score"], rot_deg.astype(np.float32), pg.offsets[hard["off"]], hard["second"])
-    refs = torch.fft.irfft(sums, n=pg.n_angles, dim=-1) / weights.clamp_min(1e-6)[:, None, None]
+    refs = torch.fft.irfft(sums, n=pg.n_angles, dim=0).permute(1, 2, 0) / weights.clamp_min(1e-6)[:, None, None]
     return res, refs, weights, top_classes
+
+
+def _top_classes(best_over_pose: torch.Tensor, cand: torch.Tensor, top_m: int) -> np.ndarray:
+    """The top_m best-scoring classes (n, top_m) of each particle from its best score per
+    candidate (n, c) (the last repeated when c < top_m)."""
+    t = best_over_pose.topk(min(top_m, best_over_pose.shape[1]), dim=1).indices
+    t = (cand[t] if cand.dim() == 1 else cand.gather(1, t)).cpu().numpy()
+    return t if t.shape[1] == top_m else np.pad(t, ((0, 0), (0, top_m - t.shape[1])), mode="edge")
 
 
 def effective_samples(pg: PolarGrid) -> float:
@@ -431,8 +419,8 @@ def class_polar_means(cache: PolarCache, labels: np.ndarray, k: int) -> torch.Te
     centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
     sums = torch.zeros((k, pg.n_radii, pg.n_angles), device=cache.device)
     lab = torch.as_tensor(labels, device=cache.device)
-    for s, pf in cache:
-        p = torch.fft.irfft(pf[:, centre], n=pg.n_angles, dim=-1)
+    for s, spec in cache:
+        p = torch.fft.irfft(estep.image_major(spec, pg.n_shifts)[:, centre], n=pg.n_angles, dim=-1)
         sums.index_add_(0, lab[s:s + p.shape[0]], p)
     counts = torch.bincount(lab, minlength=k).float().clamp_min(1)
     return sums / counts[:, None, None]
@@ -554,9 +542,7 @@ class PolarScanner:
 
     def spectrum(self, polar: torch.Tensor) -> torch.Tensor:
         """Angular spectrum (M, b*S, Nr) complex of polar samples (b, S, Nr, Na)."""
-        b, s, nr, na = polar.shape
-        f = torch.fft.rfft(polar, dim=-1)  # (b, S, Nr, M)
-        return f.permute(3, 0, 1, 2).reshape(self.n_freq, b * s, nr).contiguous()
+        return estep.angular_spectrum(polar)
 
     def transform(self, images) -> torch.Tensor:
         """(M, b*S, Nr) angular spectra of images (b, D, D) at every shift."""
@@ -569,33 +555,14 @@ class PolarScanner:
         return self.spectrum(p)
 
     def weighted_conj(self, ref_spec: torch.Tensor) -> torch.Tensor:
-        """Real matrix (M, 2*Nr, 2*K) that maps an image spectrum row (real/imag interleaved) to
-        sum_rho w_rho P_hat(rho, m) conj(Q_hat_k(rho, m)) (interleaved); input to `correlate`."""
-        wq = ref_spec.conj() * self.weights[None, None, :]  # (M, K, Nr)
-        m, k, nr = wq.shape
-        wr, wi = wq.real.transpose(1, 2), wq.imag.transpose(1, 2)  # (M, Nr, K)
-        w = torch.empty(m, nr, 2, k, 2, dtype=wr.dtype, device=wr.device)
-        w[:, :, 0, :, 0], w[:, :, 1, :, 0] = wr, -wi
-        w[:, :, 0, :, 1], w[:, :, 1, :, 1] = wi, wr
-        return w.reshape(m, 2 * nr, 2 * k)
+        """Real matrix (M, 2*Nr, 2*K) of reference spectra (M, K, Nr) weighted by the area
+        elements of the radii (`estep.real_matrix`), for `correlate`."""
+        return estep.real_matrix(estep.conj_weighted(ref_spec, self.weights))
 
     def correlate(self, img_spec: torch.Tensor, ref_w: torch.Tensor) -> torch.Tensor:
         """Correlations (Na, b*S, K) of image spectra (M, b*S, Nr) with references given as
-        `weighted_conj(...)`, over all rotations (complex products as real matrix products)."""
-        m, rows, nr = img_spec.shape
-        z = torch.bmm(torch.view_as_real(img_spec).reshape(m, rows, 2 * nr), ref_w)
-        z = torch.view_as_complex(z.view(m, rows, -1, 2))
-        return torch.fft.irfft(z, n=self.n_rot, dim=0)
-
-    def back_project(self, weights: torch.Tensor, img_spec: torch.Tensor) -> torch.Tensor:
-        """sum over rows of the images brought back to the reference frame, weighted per rotation:
-        weights (Na, b*S, K) real, image spectra (M, b*S, Nr) -> (M, K, Nr) spectra of
-        sum_{rows, r} weights[r, row, k] P_row(rho, theta + r)."""
-        m, rows, nr = img_spec.shape
-        gh = torch.view_as_real(torch.fft.rfft(weights, dim=0)).reshape(m, rows, -1)  # (M, rows, 2K)
-        r = torch.bmm(gh.transpose(1, 2), torch.view_as_real(img_spec).reshape(m, rows, 2 * nr))
-        r = r.view(m, -1, 2, nr, 2)  # [m, k, re/im of gamma_hat, rho, re/im of P_hat]
-        return torch.complex(r[:, :, 0, :, 0] + r[:, :, 1, :, 1], r[:, :, 0, :, 1] - r[:, :, 1, :, 0])
+        `weighted_conj(...)`, over all rotations (`estep.correlate`)."""
+        return estep.correlate(img_spec, ref_w, self.n_rot)
 
     def polar_from_spectrum(self, spec: torch.Tensor) -> torch.Tensor:
         """Real polar samples (K, Nr, Na) from spectra (M, K, Nr)."""

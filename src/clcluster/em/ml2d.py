@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from clcluster.em.align import PolarScanner, repeated_candidates, to_reference_frame
+from clcluster.em import estep
+from clcluster.em.align import PolarScanner, to_reference_frame
 from clcluster.core.rng import POLISH
 
 __all__ = ["ML2D", "ML2DResult", "classify", "ml2d", "polish"]
@@ -85,76 +86,20 @@ def _log_shift_prior(d2: np.ndarray, tau: float, shift_prior: str) -> np.ndarray
 def _score_terms(scan: PolarScanner, q: torch.Tensor, alpha: np.ndarray, sigma2: float, logpi: np.ndarray):
     """(weighted conjugate references / sigma^2, bias (S, K) = log shift prior + log alpha - ||Q_k||^2 / 2 sigma^2)."""
     dev = q.device
-    wq = scan.weighted_conj(q) * (1.0 / sigma2)
+    wq = estep.conj_weighted(q, scan.weights) * (1.0 / sigma2)
     bias = (torch.as_tensor(logpi, dtype=torch.float32, device=dev)[:, None]
             + torch.as_tensor(np.log(np.maximum(alpha, 1e-300)), dtype=torch.float32, device=dev)[None, :]
             - (scan.weighted_norm2(q) / (2 * sigma2)).float()[None, :])
     return wq, bias
 
 
-def _posterior(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor, b: int, k: int):
-    """E-step of one batch of b images (spectra (M, b*S, Nr)): the posterior (b, S, K, Na) of
-    shift, class and rotation, its sum over rotations (b, S, K), and log-evidence minus the
-    ||x||^2 and normalising terms (b,)."""
-    S, na = scan.n_shifts, scan.n_rot
-    L = scan.correlate(spec, wq)  # (Na, b*S, K): C / sigma^2
-    # irfft along dim 0 returns the rotation axis innermost in memory; work on that layout
-    Lp = L.permute(1, 2, 0).reshape(b, S, k, na)  # a view on CPU
-    Lp += bias[None, :, :, None]
-    return _normalise(Lp)
-
-
-def _normalise(Lp: torch.Tensor, drop: torch.Tensor | None = None):
-    """Log-scores Lp (b, S, c, Na) → in place the posterior over (S, c, Na) of each image, with
-    its sum over rotations (b, S, c) and the log-evidence (b,); classes where drop (b, c) is
-    True get posterior 0."""
-    b = Lp.shape[0]
-    mx = Lp.reshape(b, -1).amax(1).view(b, 1, 1, 1)
-    # exp is slow below float32's normal range; posteriors under e^-87 are dropped to ~1e-38
-    Lp.sub_(mx).clamp_(min=-87.0).exp_()
-    if drop is not None:
-        Lp.masked_fill_(drop[:, None, :, None], 0.0)
-    g0 = Lp.sum(dim=-1)  # (b, S, c)
-    z = g0.reshape(b, -1).sum(1)
-    Lp.div_(z.view(b, 1, 1, 1))
-    g0.div_(z.view(b, 1, 1))
-    return Lp, g0, mx.view(b) + z.log()
-
-
-def _posterior_sparse(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor, cand: torch.Tensor):
-    """`_posterior` with each of the b images compared only with its own c candidate classes
-    cand (b, c) (a truncated E-step: the other classes get posterior 0; a class listed twice
-    counts once). Returns the posterior (b, S, c, Na), its sum over rotations (b, S, c) and the
-    log-evidence over the candidates (b,)."""
-    b, c = cand.shape
-    S, na = scan.n_shifts, scan.n_rot
-    m, rows, nr = spec.shape
-    p = torch.view_as_real(spec).reshape(m, b, S, 2 * nr).transpose(0, 1)  # (b, M, S, 2Nr)
-    w = wq.view(m, 2 * nr, -1, 2)[:, :, cand]  # (M, 2Nr, b, c, 2)
-    w = w.permute(2, 0, 1, 3, 4).reshape(b, m, 2 * nr, 2 * c)
-    z = torch.view_as_complex(torch.matmul(p, w).view(b, m, S, c, 2))  # (b, M, S, c)
-    Lp = torch.fft.irfft(z, n=na, dim=1).permute(0, 2, 3, 1).contiguous()  # (b, S, c, Na)
-    dup = repeated_candidates(cand)  # (b, c)
-    Lp += (bias[:, cand].permute(1, 0, 2).masked_fill(dup[:, None, :], -torch.inf))[..., None]
-    return _normalise(Lp, drop=dup)
-
-
-def _back_project_sparse(scan: PolarScanner, Lp: torch.Tensor, spec: torch.Tensor, cand: torch.Tensor, num: torch.Tensor):
-    """Add to num (M, K, Nr) each image's spectrum brought to the frame of each of its candidate
-    classes, weighted by the posterior Lp (b, S, c, Na) (`PolarScanner.back_project` over candidates)."""
-    b, S, c, na = Lp.shape
-    m, _, nr = spec.shape
-    g = torch.fft.rfft(Lp, dim=-1).permute(3, 0, 2, 1).conj()  # (M, b, c, S)
-    contrib = torch.matmul(g, spec.view(m, b, S, nr))  # (M, b, c, Nr)
-    num.index_add_(1, cand.reshape(-1), contrib.reshape(m, b * c, nr))
-
-
-def _map_pose(Lp: torch.Tensor, labels: torch.Tensor, na: int):
-    """Most probable (shift index, rotation index) of each image within its class."""
-    b, S = Lp.shape[:2]
-    g_lab = Lp[torch.arange(b, device=Lp.device), :, labels, :]  # (b, S, Na)
-    flat = g_lab.reshape(b, S * na).argmax(1).cpu().numpy()
-    return flat // na, flat % na
+def _posterior(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor,
+               cand: torch.Tensor) -> estep.Posterior:
+    """E-step of one batch (spectra (M, b*S, Nr)) over the candidate classes cand ((c,) shared,
+    e.g. all classes, or (b, c) per image: a truncated E-step, the other classes get posterior
+    0): the posterior over shift, class and rotation, and the log-evidence minus the ||x||^2
+    and normalising terms."""
+    return estep.posterior(estep.scores(spec, wq, cand, scan.n_shifts, scan.n_rot), bias, cand)
 
 
 @dataclasses.dataclass
@@ -220,41 +165,23 @@ class ML2D:
                    labels=np.empty(n, np.int64), rot_i=np.empty(n, np.int64), sh_i=np.empty(n, np.int64),
                    class_probability=np.empty((n, k), np.float32))
         ll = 0.0
+        every = estep.all_classes(k, dev)
         for j, sl in enumerate(data.slices):
-            if data.candidates is None:
-                g0, cls_post, lb, evidence = self._batch(data.spec(j), wq, bias, sl, st)
-            else:
-                g0, cls_post, lb, evidence = self._batch_candidates(data.spec(j), wq, bias, data.candidates[sl], sl, st)
-            ll += float(evidence.double().sum())
+            spec = data.spec(j)
+            post = _posterior(scan, spec, wq, bias, every if data.candidates is None else data.candidates[sl])
+            estep.back_project(post, spec, st.num)
+            cls_post = post.class_probability(k)  # (b, K)
+            local = post.g0.sum(1).argmax(1)
+            st.sh_i[sl], st.rot_i[sl] = post.map_pose(local)
+            ll += float(post.log_evidence.double().sum())
             st.nk += cls_post.double().sum(0)
-            st.gs += g0.sum(dim=(0, 2)).double()
+            st.gs += post.g0.sum(dim=(0, 2)).double()
             st.class_probability[sl] = cls_post.cpu().numpy()
-            st.labels[sl] = lb.cpu().numpy()
+            st.labels[sl] = post.classes(local).cpu().numpy()
         st.log_likelihood = ll + float(-(data.xx.sum()) / (2 * self.sigma2)
                                        - n * (data.npix / 2) * math.log(2 * math.pi * self.sigma2)
                                        - n * math.log(scan.n_rot))
         return st
-
-    def _batch(self, spec, wq, bias, sl: slice, st: EStep):
-        """E-step of one batch over all K classes; adds its back-projection to st.num."""
-        scan, b = self.scan, sl.stop - sl.start
-        Lp, g0, evidence = _posterior(scan, spec, wq, bias, b, self.k)  # gamma of (shift, class, rotation)
-        cls_post = g0.sum(1)  # (b, K)
-        lb = cls_post.argmax(1)
-        st.sh_i[sl], st.rot_i[sl] = _map_pose(Lp, lb, scan.n_rot)
-        st.num += scan.back_project(Lp.view(b * scan.n_shifts, self.k, scan.n_rot).permute(2, 0, 1), spec)
-        return g0, cls_post, lb, evidence
-
-    def _batch_candidates(self, spec, wq, bias, cand, sl: slice, st: EStep):
-        """E-step of one batch over each image's candidate classes cand (b, c) (truncated)."""
-        b = sl.stop - sl.start
-        Lp, g0, evidence = _posterior_sparse(self.scan, spec, wq, bias, cand)
-        local = g0.sum(1)  # (b, c)
-        li = local.argmax(1)
-        st.sh_i[sl], st.rot_i[sl] = _map_pose(Lp, li, self.scan.n_rot)
-        _back_project_sparse(self.scan, Lp, spec, cand, st.num)
-        cls_post = torch.zeros(b, self.k, dtype=local.dtype, device=local.device).scatter_add_(1, cand, local)
-        return g0, cls_post, cand.gather(1, li[:, None])[:, 0], evidence
 
     def m_step(self, st: EStep, data: ImageData) -> None:
         """New references (posterior-weighted averages; an empty class is set to 0), class
@@ -402,14 +329,12 @@ def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = 
     n = len(images)
     lab, prob = np.empty(n, np.int64), np.empty(n, np.float32)
     rot_i, sh_i = np.empty(n, np.int64), np.empty(n, np.int64)
+    every = estep.all_classes(k, dev)
     for sl in scan.batches(n, k if candidates is None else candidates.shape[1], batch_size):
         x = torch.as_tensor(np.asarray(images[sl], dtype=np.float32), device=dev)
-        if candidates is None:
-            Lp, g0, _ = _posterior(scan, scan.transform(x), wq, bias, x.shape[0], k)
-        else:
-            cand = torch.as_tensor(np.asarray(candidates[sl], dtype=np.int64), device=dev)
-            Lp, g0, _ = _posterior_sparse(scan, scan.transform(x), wq, bias, cand)
-        p, li = g0.sum(1).max(1)
-        sh_i[sl], rot_i[sl] = _map_pose(Lp, li, scan.n_rot)
-        lab[sl], prob[sl] = (li if candidates is None else cand.gather(1, li[:, None])[:, 0]).cpu().numpy(), p.cpu().numpy()
+        cand = every if candidates is None else torch.as_tensor(np.asarray(candidates[sl], dtype=np.int64), device=dev)
+        post = _posterior(scan, scan.transform(x), wq, bias, cand)
+        p, li = post.g0.sum(1).max(1)
+        sh_i[sl], rot_i[sl] = post.map_pose(li)
+        lab[sl], prob[sl] = post.classes(li).cpu().numpy(), p.cpu().numpy()
     return lab, prob, scan.rotation_deg(rot_i), scan.shift_px(sh_i)
