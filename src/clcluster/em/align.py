@@ -418,7 +418,7 @@ def class_polar_means(cache: PolarCache, labels: np.ndarray, k: int) -> torch.Te
     pg = cache.pg
     centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
     sums = torch.zeros((k, pg.n_radii, pg.n_angles), device=cache.device)
-    lab = torch.as_tensor(labels, device=cache.device)
+    lab = torch.as_tensor(np.array(labels, dtype=np.int64), device=cache.device)  # a copy: labels may be read-only
     for s, spec in cache:
         p = torch.fft.irfft(estep.image_major(spec, pg.n_shifts)[:, centre], n=pg.n_angles, dim=-1)
         sums.index_add_(0, lab[s:s + p.shape[0]], p)
