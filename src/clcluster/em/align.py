@@ -131,7 +131,7 @@ def best_pose(corr: torch.Tensor, candidates: torch.Tensor | None):
     pose = arg_pose.gather(1, cls[:, None])[:, 0]
     second = top.values[:, 1] if k > 1 else torch.full_like(top.values[:, 0], -1.0)
     if candidates is not None:
-        cls = candidates[cls] if candidates.dim() == 1 else candidates.gather(1, cls[:, None])[:, 0]
+        cls = estep.candidate_classes(candidates, cls[:, None])[:, 0]
     return cls, top.values[:, 0], pose % a, pose // a, second, best_over_pose
 
 
@@ -241,7 +241,7 @@ def _top_classes(best_over_pose: torch.Tensor, cand: torch.Tensor, top_m: int) -
     """The top_m best-scoring classes (n, top_m) of each particle from its best score per
     candidate (n, c) (the last repeated when c < top_m)."""
     t = best_over_pose.topk(min(top_m, best_over_pose.shape[1]), dim=1).indices
-    t = (cand[t] if cand.dim() == 1 else cand.gather(1, t)).cpu().numpy()
+    t = estep.candidate_classes(cand, t).cpu().numpy()
     return t if t.shape[1] == top_m else np.pad(t, ((0, 0), (0, top_m - t.shape[1])), mode="edge")
 
 

@@ -84,6 +84,12 @@ def scores(spec: torch.Tensor, wq: torch.Tensor, cand: torch.Tensor, n_shifts: i
     return torch.fft.irfft(z.permute(0, 2, 3, 1), n=n_rot, dim=-1).contiguous()
 
 
+def candidate_classes(cand: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Class indices (b, t) of indices local (b, t) into the candidate lists cand ((c,) shared
+    by every image, or (b, c) per image)."""
+    return cand[local] if cand.dim() == 1 else cand.gather(1, local)
+
+
 def repeated_candidates(cand: torch.Tensor) -> torch.Tensor:
     """(n, c) bool: True where a particle's candidate class cand (n, c) already appears earlier
     in its list (such entries get posterior 0 in the E-steps, so a class counts once)."""
@@ -103,7 +109,7 @@ class Posterior:
 
     def classes(self, local: torch.Tensor) -> torch.Tensor:
         """Class indices (b,) of indices local (b,) into the candidate lists."""
-        return self.cand[local] if self.cand.dim() == 1 else self.cand.gather(1, local[:, None])[:, 0]
+        return candidate_classes(self.cand, local[:, None])[:, 0]
 
     def class_probability(self, k: int) -> torch.Tensor:
         """Posterior (b, K) of each class (0 for classes not among an image's candidates)."""
