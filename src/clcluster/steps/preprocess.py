@@ -203,9 +203,24 @@ def _read_batch(table: ParticleTable, refs: tuple, rows: np.ndarray) -> np.ndarr
     return raw
 
 
-def _image_refs(table: ParticleTable) -> tuple:
-    paths, indices = table.image_refs()
-    return paths, indices, table.particles["rlnImageName"].astype(str).tolist(), table.whole_file_rows()
+class _TableSource:
+    """A particle table's rows as preprocessed images: stack references, CTF parameters, CTF
+    states and the pixel size (Å/px; one for the whole table), read once."""
+
+    def __init__(self, table: ParticleTable, cfg: PreprocessConfig):
+        paths, indices = table.image_refs()
+        self.refs = (paths, indices, table.particles["rlnImageName"].astype(str).tolist(), table.whole_file_rows())
+        self.table, self.cfg = table, cfg
+        self.apix = _table_pixel_size(table)
+        self.ctf = CTFParams.from_table(table) if cfg.ctf != "none" else None
+        self.states = ctf_states(table)
+
+    def preprocessed(self, rows: np.ndarray, xp, mask: bool):
+        """(images (b, box, box) float32 on xp's device, input box in px) of the table rows `rows`."""
+        raw = _read_batch(self.table, self.refs, rows)
+        x = preprocess_batch(xp.asarray(raw), self.ctf.subset(rows) if self.ctf is not None else None, self.apix,
+                             self.cfg, mask=mask, states=self.states[rows])
+        return x, raw.shape[-1]
 
 
 # Particles whose preprocessed images estimate the noise spectrum: evenly spaced over the whole
@@ -229,16 +244,12 @@ def table_noise_spectrum(table: ParticleTable, cfg: PreprocessConfig, device: st
     if len(table) == 0:
         raise ValueError(f"{table.path}: no particles to estimate the noise spectrum from")
     xp = choose_array_module(device)
-    apix = _table_pixel_size(table)
-    ctf_all = CTFParams.from_table(table) if cfg.ctf != "none" else None
-    states, refs = ctf_states(table), _image_refs(table)
+    source = _TableSource(table, cfg)
+    rows_all = spectrum_rows(len(table), count)
     sums = counts = None
-    for rows in np.array_split(spectrum_rows(len(table), count), -(-min(len(table), count) // cfg.batch_size)):
-        raw = _read_batch(table, refs, rows)
-        work_apix = apix * raw.shape[-1] / cfg.box
-        x = preprocess_batch(xp.asarray(raw), ctf_all.subset(rows) if ctf_all is not None else None, apix, cfg,
-                             mask=False, states=states[rows])
-        s, c = _spectrum_sums(x, cfg, work_apix)
+    for rows in np.array_split(rows_all, -(-rows_all.size // cfg.batch_size)):
+        x, box_in = source.preprocessed(rows, xp, mask=False)
+        s, c = _spectrum_sums(x, cfg, source.apix * box_in / cfg.box)
         sums, counts = (s, c) if sums is None else (sums + s, counts + c)
     return asnumpy(sums / xp.maximum(counts, 1)).astype(np.float64)
 
@@ -246,7 +257,7 @@ def table_noise_spectrum(table: ParticleTable, cfg: PreprocessConfig, device: st
 def write_spectrum(path, spectrum: np.ndarray, table: ParticleTable, cfg: PreprocessConfig) -> None:
     """The set's noise spectrum as JSON: per working-box shell power, and how it was measured."""
     meta = {"noise_spectrum": [float(v) for v in spectrum], "box": cfg.box, "estimate": cfg.whiten_estimate,
-            "particles_used": int(min(len(table), SPECTRUM_PARTICLES)), "particles": len(table),
+            "particles_used": int(spectrum_rows(len(table)).size), "particles": len(table),
             "particles_file": str(table.path)}
     write_text(path, json.dumps(meta, indent=2))
 
@@ -266,22 +277,17 @@ def read_spectrum(path, box: int) -> np.ndarray:
     return spectrum
 
 
-def _preprocess_pass(table: ParticleTable, out, cfg: PreprocessConfig, xp, apix: float, ctf_all, states, spectrum):
+def _preprocess_pass(source: _TableSource, out, xp, spectrum):
     """Read, preprocess (and whiten by `spectrum` when cfg.whiten) every particle into `out`
     (n, box, box) float16, batch by batch. Returns the input box in px (None without particles)."""
-    n = len(table)
-    refs = _image_refs(table)
+    cfg, n = source.cfg, len(source.table)
     t0 = time.time()
     box_in = None
     for s in range(0, n, cfg.batch_size):
         rows = np.arange(s, min(n, s + cfg.batch_size))
-        raw = _read_batch(table, refs, rows)
-        box_in = raw.shape[-1]
-        x = preprocess_batch(xp.asarray(raw), ctf_all.subset(rows) if ctf_all is not None else None, apix, cfg,
-                             mask=not cfg.whiten, states=states[rows])
-        del raw
+        x, box_in = source.preprocessed(rows, xp, mask=not cfg.whiten)
         if cfg.whiten:
-            x = whiten_batch(x, spectrum, cfg, apix * box_in / cfg.box)
+            x = whiten_batch(x, spectrum, cfg, source.apix * box_in / cfg.box)
         out[rows] = asnumpy(x).astype(np.float16)
         del x
         log.info("preprocessed %d/%d particles (%.0f img/s)", rows[-1] + 1, n, (rows[-1] + 1) / max(time.time() - t0, 1e-9))
@@ -306,18 +312,17 @@ def preprocess_table(table: ParticleTable, out_path, cfg: PreprocessConfig, devi
     out_path = Path(out_path)
     xp = choose_array_module(device)
     n = len(table)
-    apix = _table_pixel_size(table)
-    ctf_all = CTFParams.from_table(table) if cfg.ctf != "none" else None
-    states = ctf_states(table)
+    source = _TableSource(table, cfg)
     if cfg.whiten and spectrum is None and n > 0:
         spectrum = table_noise_spectrum(table, cfg, device)
     with atomic_path(out_path) as tmp:
         out = open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, cfg.box, cfg.box))
-        box_in = _preprocess_pass(table, out, cfg, xp, apix, ctf_all, states, spectrum)
-        work_apix = apix * (box_in or cfg.box) / cfg.box
+        box_in = _preprocess_pass(source, out, xp, spectrum)
+        work_apix = source.apix * (box_in or cfg.box) / cfg.box
         out.flush()
         del out
-    meta = _sidecar(n, cfg, box_in, apix, work_apix, ctf_all is not None, states, spectrum if cfg.whiten else None, xp)
+    meta = _sidecar(n, cfg, box_in, source.apix, work_apix, source.ctf is not None, source.states,
+                    spectrum if cfg.whiten else None, xp)
     try:
         write_text(out_path.with_suffix(".json"), json.dumps(meta, indent=2))
     except BaseException:
@@ -396,7 +401,7 @@ def main(args: argparse.Namespace) -> int:
     device = args.device or cfg["device"]
     if args.spectrum_out:
         write_spectrum(args.spectrum_out, table_noise_spectrum(table, pc, device), table, pc)
-        log.info("wrote %s: noise spectrum of %d of %d particles", args.spectrum_out, min(len(table), SPECTRUM_PARTICLES), len(table))
+        log.info("wrote %s: noise spectrum of %d of %d particles", args.spectrum_out, spectrum_rows(len(table)).size, len(table))
         return 0
     spectrum = read_spectrum(args.noise_spectrum, pc.box) if args.noise_spectrum and pc.whiten else None
     meta = preprocess_table(table, args.out, pc, device, spectrum=spectrum)
