@@ -154,3 +154,30 @@ def test_truncated_e_step_matches_the_full_one_and_never_lowers_its_bound(easy):
     assert np.all(post[outside] == 0)
     with pytest.raises(ValueError, match="candidates"):
         ml2d(img, 4, candidates=cand + 4, **kw)
+
+
+def test_balanced_prior_counteracts_growth_within_its_bound():
+    """A class above its equal share gets a lower prior, one below a higher one, equal shares
+    leave the priors as they are, and no prior moves more than BALANCE_MAX_RATIO from 1/K."""
+    from clcluster.em.ml2d import BALANCE_MAX_RATIO, balanced_prior
+
+    uniform = np.full(4, 0.25)
+    assert np.allclose(balanced_prior(uniform, np.full(4, 25.0), 100), uniform)
+    a = balanced_prior(uniform, np.array([70.0, 10, 10, 10]), 100)
+    assert a[0] < 0.25 < a[1] and np.isclose(a.sum(), 1) and np.allclose(a[1:], a[1])
+    for _ in range(30):  # a class that never gets particles: the prior rises, but only so far
+        a = balanced_prior(a, np.array([0.0, 40, 30, 30]), 100)
+    ratio = a * 4
+    assert ratio.max() / ratio.min() <= BALANCE_MAX_RATIO ** 2 + 1e-6 and a[0] == a.max()
+
+
+def test_balanced_ml2d_keeps_a_rare_view(easy):
+    """Balanced priors push towards equal classes, but a view with a fifth of the others' images
+    keeps its own class where the likelihood tells it apart (the prior is bounded), and the views
+    are recovered as well as without balance."""
+    img, truth, _ = easy
+    rng = np.random.default_rng(0)
+    keep = (truth != 0) | (rng.random(len(truth)) < 0.2)
+    for balance in (False, True):
+        res = ml2d(img[keep], 4, n_rotations=36, max_shift=2, n_starts=2, max_iter=15, seed=0, balance=balance)
+        assert hungarian_accuracy(truth[keep], res.labels) >= 0.9, balance

@@ -89,8 +89,8 @@ def test_ml_stage_compares_all_classes_unless_told(monkeypatch, preprocessed_eas
     cluster_mod.refine_chain(cache, img, lab0, near, 4, ClusterConfig(refine_ml_budget=6, **cfg))
     cluster_mod.refine_chain(cache, img, lab0, near, 4, ClusterConfig(refine_ml_budget=6, refine_ml_wide=1, **cfg))
     assert iters[2:] == [1, 2]  # 6 // 4 classes; 6 // (1 similar + 2 neighbours)
-    assert cluster_mod.ml_iterations(50, ClusterConfig()) == 7 and cluster_mod.ml_iterations(10, ClusterConfig()) == 35
-    assert cluster_mod.ml_iterations(50, ClusterConfig(refine_ml_budget=0)) == 40
+    assert cluster_mod.ml_iterations(50, ClusterConfig()) == 24 and cluster_mod.ml_iterations(10, ClusterConfig()) == 60
+    assert cluster_mod.ml_iterations(50, ClusterConfig(refine_ml_budget=0)) == 60
 
 
 def test_encoder_alone_beats_chance(easy_sim, preprocessed_easy, trained):

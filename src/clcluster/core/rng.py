@@ -18,6 +18,7 @@ REALISTIC = 18  # [seed, REALISTIC]: the realistic simulator's draws; [seed, NOI
 RESTARTS = 6  # [seed, RESTARTS, r]: random partitions of restarts from the third on (see restart_key)
 STABILITY = 7  # [seed, STABILITY]: the particles of the seed-stability runs; [seed, STABILITY, r]: run r's seed
 SEED_ARI = 8  # [seed, SEED_ARI]: the master seed of the benchmark's second run of the pipeline (seed ARI)
+OVERSPLIT = 9  # [seed, OVERSPLIT]: which part of its class each particle starts in when the ML2D stage over-splits
 
 # Integer offsets and fixed seeds: default_rng(seed + OFFSET), torch.Generator().manual_seed(seed + OFFSET).
 SPLIT_MERGE_OFFSET = 77  # perturbation of the references in split-and-merge moves (align.split_merge)

@@ -38,7 +38,10 @@ from clcluster.em import estep
 from clcluster.em.align import PolarScanner, to_reference_frame
 from clcluster.core.rng import POLISH
 
-__all__ = ["ML2D", "ML2DResult", "classify", "ml2d", "polish"]
+__all__ = ["ML2D", "ML2DResult", "balanced_prior", "classify", "ml2d", "polish"]
+
+# Balanced class priors: how far (a factor either way) a class's prior may move from 1/K.
+BALANCE_MAX_RATIO = 4.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,13 +139,29 @@ class EStep:
     class_probability: np.ndarray
 
 
+def balanced_prior(alpha: np.ndarray, nk: np.ndarray, n: float) -> np.ndarray:
+    """Class priors (K,) that counteract class growth, one step of dual ascent towards equal
+    class sizes (the Sinkhorn equipartition of a balanced assignment, as ISAC's equal-size
+    groups): each prior is divided by the class's expected size nk (K,) over its equal share
+    n / K, and stays within BALANCE_MAX_RATIO of 1/K either way, so a view that truly holds few
+    particles keeps its class wherever the likelihood tells it apart by more than a few nats."""
+    k = len(alpha)
+    log_ratio = np.log(np.maximum(alpha * k, 1e-300)) - np.log(np.maximum(nk * k / n, 1e-6))
+    bound = math.log(BALANCE_MAX_RATIO)
+    a = np.exp(np.clip(log_ratio, -bound, bound))
+    return a / a.sum()
+
+
 class ML2D:
     """The ML2D model (see the module docstring) on a polar scanner: references q (M, K, Nr)
     as angular spectra, class priors alpha (K,), noise variance sigma2 (image units^2) and the
-    shift prior's width tau (px). `fit` alternates `e_step` and `m_step`."""
+    shift prior's width tau (px). `fit` alternates `e_step` and `m_step`. balance: the class
+    priors come from `balanced_prior` instead of the class fractions (Scheres' ML2D), so that a
+    growing class does not attract ever more particles."""
 
-    def __init__(self, scan: PolarScanner, k: int, shift_prior: str = "gaussian", max_shift: float = 3):
-        self.scan, self.k, self.shift_prior, self.max_shift = scan, k, shift_prior, max_shift
+    def __init__(self, scan: PolarScanner, k: int, shift_prior: str = "gaussian", max_shift: float = 3,
+                 balance: bool = False):
+        self.scan, self.k, self.shift_prior, self.max_shift, self.balance = scan, k, shift_prior, max_shift, balance
         self.q = self.alpha = self.sigma2 = self.tau = None
 
     def start(self, references: np.ndarray, sigma2: float) -> ML2D:
@@ -187,7 +206,8 @@ class ML2D:
         """New references (posterior-weighted averages; an empty class is set to 0), class
         priors, noise variance and (Gaussian prior) shift prior width from an E-step's sums."""
         n, nk = data.n, st.nk
-        self.alpha = np.maximum(nk.cpu().numpy() / n, 0.0)
+        fractions = np.maximum(nk.cpu().numpy() / n, 0.0)
+        self.alpha = balanced_prior(self.alpha, fractions * n, n) if self.balance else fractions
         safe = torch.clamp(nk, min=1e-12).to(st.num.real.dtype)
         q = st.num / safe[None, :, None]
         q[:, nk <= 1e-12] = 0
@@ -243,7 +263,8 @@ def image_data(x: torch.Tensor, scan: PolarScanner, k: int, candidates, batch_si
 def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_starts: int = 3, max_iter: int = 25,
          tol: float = 1e-5, seed: int = 0, device="cpu", batch_size: int | None = None,
          shift_prior: str = "gaussian", r_max: float | None = None, n_radii: int | None = None,
-         init_references=None, cache_bytes: float = 1.5e9, candidates=None, verbose: bool = False) -> ML2DResult:
+         init_references=None, cache_bytes: float = 1.5e9, candidates=None, verbose: bool = False,
+         balance: bool = False) -> ML2DResult:
     """ML2D classification of images (n, D, D) into k classes (the `ML2D` model, fitted from
     one or more starts).
 
@@ -258,7 +279,8 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
     images' polar spectra in memory when they fit (else recompute each iteration).
     candidates (n, c): compare each image only with these classes (a truncated E-step, Neal &
     Hinton 1998: cost N x c instead of N x K; the log-likelihood reported is then the bound
-    over the candidates, which EM with fixed candidate sets never decreases)."""
+    over the candidates, which EM with fixed candidate sets never decreases). balance: balanced
+    class priors (`balanced_prior`; the log-likelihood may then fall between iterations)."""
     if shift_prior not in ("gaussian", "uniform"):
         raise ValueError(f"shift_prior must be 'gaussian' or 'uniform', not {shift_prior!r}")
     dev = torch.device(device)
@@ -279,7 +301,7 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
         else:
             perm = rng.permutation(n)
             ref0 = np.stack([images[perm[j::k]].mean(0) for j in range(k)]).astype(np.float32)
-        model = ML2D(scan, k, shift_prior, max_shift).start(ref0, float(data.xx.mean() / data.npix))
+        model = ML2D(scan, k, shift_prior, max_shift, balance).start(ref0, float(data.xx.mean() / data.npix))
         history, it, last = model.fit(data, max_iter, tol, verbose, st)
         all_ll.append(history[-1])
         if best is None or history[-1] > best[0]:
@@ -289,13 +311,13 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
 
 def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarray, k: int, *, max_iter: int = 20,
            n_rotations: int = 64, max_shift: float = 3, seed: int = 0, device="cpu", batch: int = 512,
-           cache_bytes: float = 1.5e9, candidates=None) -> ML2DResult:
+           cache_bytes: float = 1.5e9, candidates=None, balance: bool = False, tol: float = 1e-5) -> ML2DResult:
     """ML2D started from a classification instead of random references: each class's starting
     reference is the average of its members (n, D, D) brought into the class frame by their
     poses (angle_deg (n,) degrees, shift_px (n, 2) px, `align` convention); an empty class starts
     from the average of a random 1/k of the images. Then at most max_iter EM iterations of the
     Gaussian-likelihood model (class, rotation and shift marginalised, noise sigma fitted);
-    cache_bytes and candidates (n, c) as for `ml2d`."""
+    cache_bytes, candidates (n, c), balance and tol as for `ml2d`."""
     images = np.asarray(images[:], dtype=np.float32)  # also reads a memory-mapped ShardSet / RowView
     n, box = len(labels), images.shape[-1]
     sums = np.zeros((k, box, box))
@@ -309,7 +331,7 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
         counts[j] = 1
     refs = (sums / counts[:, None, None]).astype(np.float32)
     return ml2d(images, k, init_references=refs, max_iter=max_iter, n_rotations=n_rotations, max_shift=max_shift,
-                seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates)
+                seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates, balance=balance, tol=tol)
 
 
 def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None, candidates=None):

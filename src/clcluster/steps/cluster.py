@@ -17,7 +17,7 @@ from clcluster.core.backend import select_device
 from clcluster.core.cli_args import add_config, add_device, run_config
 from clcluster.core.config import dataclass_from_dict
 from clcluster.core.metrics import seed_stability
-from clcluster.core.rng import KMEANS_SAMPLE, REFINE_SUBSET, STABILITY, stream_seed
+from clcluster.core.rng import KMEANS_SAMPLE, OVERSPLIT, REFINE_SUBSET, STABILITY, stream_seed
 from clcluster.em.align import (
     Alignment,
     PolarCache,
@@ -29,11 +29,15 @@ from clcluster.em.align import (
     soft_em,
     split_merge,
 )
-from clcluster.em.ml2d import ML2DResult, classify, polish
+from clcluster.em.merge import aligned_similarity, group_references, merged_references
+from clcluster.em.ml2d import ML2DResult, classify, ml2d, polish
 from clcluster.em.restarts import best_restart, random_partition
 from clcluster.learn.data import RowView, random_rows
 
 log = logging.getLogger(__name__)
+
+# The ML2D stage over-splits only where each of its classes would hold at least this many particles.
+OVERSPLIT_MIN_CLASS_SIZE = 100
 
 
 @dataclasses.dataclass
@@ -57,9 +61,11 @@ class ClusterConfig:
     refine_split_merge_rounds: int = 4  # schedule: rounds of those moves (stops at the first with none kept)
     refine_guards_max_k: int = 12
     refine_lean_iterations: int = 15  # schedule: annealed EM passes (at most) above refine_guards_max_k classes
-    refine_ml_iterations: int = 40
+    refine_ml_iterations: int = 60
     refine_ml_wide: int = 0  # schedule: 0 = ML2D stage over all K classes (exact E-step); > 0 = truncated E-step
-    refine_ml_budget: int = 350
+    refine_ml_budget: int = 1200
+    refine_balance: bool = True
+    refine_oversplit: int = 2
     refine_ml_max_shift_px: int = 3  # schedule: ML2D stage translation search radius (working-box px)
     refine_max_shift_px: int = 2
     refine_angles: int = 64
@@ -196,11 +202,40 @@ def ml_iterations(k: int, cfg: ClusterConfig, compared: int | None = None) -> in
 def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: int = 0, device="cpu",
                       candidates: np.ndarray | None = None) -> ML2DResult:
     """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it (`ml_iterations`);
-    candidates (n, c): the classes each particle is compared with (None: all K)."""
+    candidates (n, c): the classes each particle is compared with (None: all K). Where
+    `oversplit_classes` allows, first over-split (`oversplit_start`). With balanced priors every
+    budgeted iteration runs: classes keep moving long after the log-likelihood changes by 1e-5."""
+    ml_args = dict(n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
+                   cache_bytes=cfg.cache_mb * 1e6, balance=cfg.refine_balance, tol=0.0 if cfg.refine_balance else 1e-5)
+    k2 = oversplit_classes(len(a.labels), k, cfg) if candidates is None else k
+    if k2 > k:
+        refs = oversplit_start(images, a, k, k2, cfg, seed, ml_args)
+        return ml2d(np.asarray(images[:], dtype=np.float32), k, init_references=refs, max_iter=max(1, ml_iterations(k, cfg) // 2), **ml_args)
     max_iter = ml_iterations(k, cfg, None if candidates is None else candidates.shape[1])
-    return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=max_iter,
-                  n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
-                  cache_bytes=cfg.cache_mb * 1e6, candidates=candidates)
+    return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=max_iter, candidates=candidates, **ml_args)
+
+
+def oversplit_classes(n: int, k: int, cfg: ClusterConfig) -> int:
+    """Classes of the over-split ML2D stage: `cfg.refine_oversplit` x K where every one of them
+    would still hold OVERSPLIT_MIN_CLASS_SIZE particles of the n refined (else K: no over-split)."""
+    k2 = cfg.refine_oversplit * k
+    return k2 if cfg.refine_oversplit > 1 and n >= OVERSPLIT_MIN_CLASS_SIZE * k2 else k
+
+
+def oversplit_start(images, a: Alignment, k: int, k2: int, cfg: ClusterConfig, seed: int, ml_args: dict) -> np.ndarray:
+    """Start references (k, D, D) for the ML2D stage from k2 > k classes: each refined class split
+    at random into k2 / k parts, ML2D over the k2 classes (`ml_iterations` at k2), its references
+    grouped into k by their aligned similarity and averaged within each group (`em.merge`)."""
+    part = np.random.default_rng([seed, OVERSPLIT]).integers(0, k2 // k, len(a.labels))
+    t = time.time()
+    fine = polish(images, a.labels * (k2 // k) + part, a.angle_deg, a.shift_px, k2,
+                  max_iter=ml_iterations(k2, cfg), **ml_args)
+    similarity, angle = aligned_similarity(fine.references, cfg.refine_angles)
+    groups = group_references(similarity, k)
+    sizes = fine.class_probability.sum(0)
+    log.info("ML2D over %d classes: %d iterations, %.1f s; merged into %d by their aligned references",
+             k2, fine.n_iter, time.time() - t, k)
+    return merged_references(fine.references, sizes, groups, angle)
 
 
 def guards_apply(k: int, cfg: ClusterConfig) -> bool:
