@@ -35,7 +35,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from clcluster.em import estep
-from clcluster.em.align import PolarScanner, to_reference_frame
+from clcluster.em.align import CONVERGED_FRACTION, PolarScanner, to_reference_frame
 from clcluster.core.rng import POLISH
 
 __all__ = ["ML2D", "ML2DResult", "balanced_prior", "classify", "ml2d", "polish"]
@@ -219,17 +219,24 @@ class ML2D:
                                          self.tau)
 
     def fit(self, data: ImageData, max_iter: int, tol: float, verbose: bool = False, start: int = 0):
-        """EM until max_iter M-steps or a relative log-likelihood change <= tol. Returns
+        """EM until max_iter M-steps or convergence: a relative log-likelihood change <= tol, or
+        with balanced priors fewer than CONVERGED_FRACTION of the labels changed (the classes
+        keep reorganising long after the log-likelihood moves by less than 1e-5). Returns
         (log-likelihood per E-step, M-steps done, the last E-step)."""
-        history, it = [], 0
+        history, it, labels = [], 0, None
         while True:
             st = self.e_step(data)
             history.append(st.log_likelihood)
             if verbose:
                 print(f"ml2d start {start} it {it} LL {history[-1]:.6e} sigma {math.sqrt(self.sigma2):.4f} "
                       f"tau {self.tau:.3f}")
-            if it >= max_iter or (len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1])):
+            if self.balance:
+                converged = labels is not None and float((st.labels != labels).mean()) < CONVERGED_FRACTION
+            else:
+                converged = len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1])
+            if it >= max_iter or converged:
                 return history, it, st
+            labels = st.labels
             self.m_step(st, data)
             it += 1
 
@@ -280,7 +287,8 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
     candidates (n, c): compare each image only with these classes (a truncated E-step, Neal &
     Hinton 1998: cost N x c instead of N x K; the log-likelihood reported is then the bound
     over the candidates, which EM with fixed candidate sets never decreases). balance: balanced
-    class priors (`balanced_prior`; the log-likelihood may then fall between iterations)."""
+    class priors (`balanced_prior`; the log-likelihood may then fall between iterations, and a
+    start stops when fewer than 0.2 % of the labels change instead of by tol)."""
     if shift_prior not in ("gaussian", "uniform"):
         raise ValueError(f"shift_prior must be 'gaussian' or 'uniform', not {shift_prior!r}")
     dev = torch.device(device)
@@ -311,13 +319,13 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
 
 def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarray, k: int, *, max_iter: int = 20,
            n_rotations: int = 64, max_shift: float = 3, seed: int = 0, device="cpu", batch: int = 512,
-           cache_bytes: float = 1.5e9, candidates=None, balance: bool = False, tol: float = 1e-5) -> ML2DResult:
+           cache_bytes: float = 1.5e9, candidates=None, balance: bool = False) -> ML2DResult:
     """ML2D started from a classification instead of random references: each class's starting
     reference is the average of its members (n, D, D) brought into the class frame by their
     poses (angle_deg (n,) degrees, shift_px (n, 2) px, `align` convention); an empty class starts
     from the average of a random 1/k of the images. Then at most max_iter EM iterations of the
     Gaussian-likelihood model (class, rotation and shift marginalised, noise sigma fitted);
-    cache_bytes, candidates (n, c), balance and tol as for `ml2d`."""
+    cache_bytes, candidates (n, c) and balance as for `ml2d`."""
     images = np.asarray(images[:], dtype=np.float32)  # also reads a memory-mapped ShardSet / RowView
     n, box = len(labels), images.shape[-1]
     sums = np.zeros((k, box, box))
@@ -331,7 +339,7 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
         counts[j] = 1
     refs = (sums / counts[:, None, None]).astype(np.float32)
     return ml2d(images, k, init_references=refs, max_iter=max_iter, n_rotations=n_rotations, max_shift=max_shift,
-                seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates, balance=balance, tol=tol)
+                seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates, balance=balance)
 
 
 def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None, candidates=None):

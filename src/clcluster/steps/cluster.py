@@ -203,10 +203,9 @@ def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: in
                       candidates: np.ndarray | None = None) -> ML2DResult:
     """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it (`ml_iterations`);
     candidates (n, c): the classes each particle is compared with (None: all K). Where
-    `oversplit_classes` allows, first over-split (`oversplit_start`). With balanced priors every
-    budgeted iteration runs: classes keep moving long after the log-likelihood changes by 1e-5."""
+    `oversplit_classes` allows, first over-split (`oversplit_start`)."""
     ml_args = dict(n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
-                   cache_bytes=cfg.cache_mb * 1e6, balance=cfg.refine_balance, tol=0.0 if cfg.refine_balance else 1e-5)
+                   cache_bytes=cfg.cache_mb * 1e6, balance=cfg.refine_balance)
     k2 = oversplit_classes(len(a.labels), k, cfg) if candidates is None else k
     if k2 > k:
         refs = oversplit_start(images, a, k, k2, cfg, seed, ml_args)
