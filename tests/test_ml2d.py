@@ -182,3 +182,17 @@ def test_balanced_ml2d_keeps_a_rare_view(easy):
         res = ml2d(img[keep], 4, n_rotations=36, max_shift=2, n_starts=2, max_iter=40, seed=0, balance=balance)
         assert hungarian_accuracy(truth[keep], res.labels) >= 0.9, balance
     assert res.n_iter < 40  # balanced: stops once fewer than 0.2 % of the labels change
+
+def test_log_evidence_tells_particles_from_noise(easy):
+    """The fitted model's log-likelihood ratio against noise alone: clearly positive for the
+    particles it was fitted on, lower for noise images of the fitted sigma, and over one listed
+    class never above the ratio over all classes."""
+    from clcluster.em.ml2d import log_evidence
+
+    img, truth, _ = easy
+    res = ml2d(img, 4, n_rotations=36, max_shift=2, n_starts=1, max_iter=10, seed=0)
+    every = log_evidence(img, res)
+    noise = np.random.default_rng(0).standard_normal(img.shape).astype(np.float32) * np.float32(res.sigma)
+    assert every.shape == (len(img),) and np.median(every) > np.quantile(log_evidence(noise, res), 0.99)
+    one = log_evidence(img, res, np.array([int(res.labels[0])]))
+    assert np.all(one <= every + 1e-3)

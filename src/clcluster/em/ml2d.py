@@ -38,7 +38,7 @@ from clcluster.em import estep
 from clcluster.em.align import CONVERGED_FRACTION, PolarScanner, to_reference_frame
 from clcluster.core.rng import POLISH
 
-__all__ = ["ML2D", "ML2DResult", "balanced_prior", "classify", "ml2d", "polish"]
+__all__ = ["ML2D", "ML2DResult", "balanced_prior", "classify", "log_evidence", "ml2d", "polish"]
 
 # Balanced class priors: how far (a factor either way) a class's prior may move from 1/K.
 BALANCE_MAX_RATIO = 4.0
@@ -368,3 +368,19 @@ def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = 
         sh_i[sl], rot_i[sl] = post.map_pose(li)
         lab[sl], prob[sl] = post.classes(li).cpu().numpy(), p.cpu().numpy()
     return lab, prob, scan.rotation_deg(rot_i), scan.shift_px(sh_i)
+
+
+def log_evidence(images: np.ndarray, result: ML2DResult, classes: np.ndarray | None = None, batch: int = 256) -> np.ndarray:
+    """Per image of images (n, D, D): the log-likelihood ratio (nats) of the fitted model, over
+    the listed classes (all K when None; rotations and shifts marginalised, class priors as
+    fitted), against noise alone (a zero image): log p(x | model) - log p(x | noise)."""
+    m = result.model
+    scan = m["scan"]
+    wq, bias = _score_terms(scan, m["q"], m["alpha"], m["sigma2"], _log_shift_prior(scan.shift_d2, m["tau"], m["shift_prior"]))
+    cand = estep.all_classes(m["q"].shape[1], scan.device) if classes is None else torch.as_tensor(
+        np.asarray(classes, dtype=np.int64), device=scan.device)
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.as_tensor(np.asarray(images[s:s + batch], dtype=np.float32), device=scan.device)
+        out.append(_posterior(scan, scan.transform(x), wq, bias, cand).log_evidence.cpu().numpy())
+    return np.concatenate(out)
