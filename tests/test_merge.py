@@ -41,9 +41,13 @@ def test_rotated_copies_group_together_and_merge_into_their_view():
     assert np.array_equal(group_references(sim[:2, :2], 3), [0, 1])  # fewer references than groups: one each
 
 
-def test_oversplit_ml_stage_recovers_the_views(monkeypatch, easy_sim, preprocessed_easy):
-    """The ML2D stage over 2K classes, merged into K: as accurate as the direct K-class stage on
-    easy data (200 images, so the minimum class size is lowered for the test)."""
+def test_oversplit_ml_stage_recovers_the_views(monkeypatch, caplog, easy_sim, preprocessed_easy):
+    """The ML2D stage fits K classes from the refined ones and from 2K classes merged into K,
+    keeps the likelier, and recovers the views of easy data (200 images, so the minimum class
+    size is lowered for the test)."""
+    import logging
+    import re
+
     from clcluster.em.align import Alignment
     from clcluster.steps import cluster as cluster_mod
 
@@ -61,6 +65,8 @@ def test_oversplit_ml_stage_recovers_the_views(monkeypatch, easy_sim, preprocess
     calls = []
     real = cluster_mod.polish
     monkeypatch.setattr(cluster_mod, "polish", lambda *x, **kw: calls.append(x[4]) or real(*x, **kw))
-    ml = cluster_mod.likelihood_polish(preprocessed_easy, a, 4, cfg)
-    assert calls == [8]  # the over-split fit; the K-class fit starts from merged references
+    with caplog.at_level(logging.INFO, logger="clcluster.steps.cluster"):
+        ml = cluster_mod.likelihood_polish(preprocessed_easy, a, 4, cfg)
+    assert calls == [4, 8]  # the direct fit, the over-split one; the merged K-class fit starts from its references
     assert ml.references.shape[0] == 4 and hungarian_accuracy(truth, ml.labels) >= 0.9
+    assert re.search(r"ML2D stage: log-likelihood \S+ from the refined classes, \S+ from 8 classes merged; kept the", caplog.text)

@@ -23,17 +23,22 @@ from clcluster.image.imageops import rotate
 __all__ = ["aligned_similarity", "group_references", "merged_references"]
 
 
-def aligned_similarity(references: np.ndarray, n_angles: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def aligned_similarity(references: np.ndarray, n_angles: int = 64, max_shift: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Normalised correlation (k, k) of every pair of references (k, D, D) at their best relative
-    in-plane rotation (polar resampling about the box centre, n_angles steps), and that rotation
-    (k, k) in degrees: `rotate(references[j], angle[i, j])` matches references[i] best."""
+    in-plane rotation and integer shift (polar resampling about centres up to max_shift px from
+    the box centre, n_angles rotation steps), and that rotation (k, k) in degrees:
+    `rotate(references[j], angle[i, j])` matches references[i] best (up to the shift)."""
     box = references.shape[-1]
-    pg = PolarGrid(box, n_angles=n_angles, max_shift=0)
-    polar = unit(polar_transform(torch.as_tensor(np.asarray(references, dtype=np.float32)), pg)[:, 0])
+    pg = PolarGrid(box, n_angles=n_angles, max_shift=max_shift)
+    polar = unit(polar_transform(torch.as_tensor(np.asarray(references, dtype=np.float32)), pg))  # (k, S, R, A)
+    centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
     f = torch.fft.rfft(polar, dim=-1)
-    corr = torch.fft.irfft(torch.einsum("irf,jrf->ijf", f, f.conj()), n=n_angles, dim=-1)  # (k, k, A)
-    best, shift = corr.max(dim=-1)
-    return best.numpy(), (-shift.numpy() * (360.0 / n_angles)) % 360.0
+    corr = torch.fft.irfft(torch.einsum("isrf,jrf->ijsf", f, f[:, centre].conj()), n=n_angles, dim=-1)  # (k, k, S, A)
+    corr = corr.flatten(2)
+    best, where = corr.max(dim=-1)
+    steps = where.numpy() % n_angles
+    best = torch.maximum(best, best.T)  # the same pair seen from either side
+    return best.numpy(), (-steps * (360.0 / n_angles)) % 360.0
 
 
 def group_references(similarity: np.ndarray, k: int) -> np.ndarray:
