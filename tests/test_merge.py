@@ -42,9 +42,9 @@ def test_rotated_copies_group_together_and_merge_into_their_view():
 
 
 def test_oversplit_ml_stage_recovers_the_views(monkeypatch, caplog, easy_sim, preprocessed_easy):
-    """The ML2D stage fits K classes from the refined ones and from 2K classes merged into K,
-    keeps the likelier, and recovers the views of easy data (200 images, so the minimum class
-    size is lowered for the test)."""
+    """Above refine_guards_max_k classes the ML2D stage fits 2K classes, merges them into K and
+    fits K from there, and recovers the views of easy data (200 images and K=4, so the minimum
+    class size and the guards' class count are lowered for the test)."""
     import logging
     import re
 
@@ -58,15 +58,16 @@ def test_oversplit_ml_stage_recovers_the_views(monkeypatch, caplog, easy_sim, pr
     rng = np.random.default_rng(0)
     noisy = np.where(rng.random(n) < 0.3, rng.integers(0, 4, n), truth)  # a start with 30 % of labels scrambled
     a = Alignment(noisy, np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros((n, 2), np.float32), np.zeros(n, np.float32))
-    cfg = cluster_mod.ClusterConfig(refine_ml_iterations=10, refine_angles=32)
+    cfg = cluster_mod.ClusterConfig(refine_ml_iterations=10, refine_angles=32, refine_guards_max_k=3)
     assert cluster_mod.oversplit_classes(n, 4, cfg) == 8
-    assert cluster_mod.oversplit_classes(n, 4, cluster_mod.ClusterConfig(refine_oversplit=1)) == 4
+    assert cluster_mod.oversplit_classes(n, 4, cluster_mod.ClusterConfig(refine_oversplit=1, refine_guards_max_k=3)) == 4
+    assert cluster_mod.oversplit_classes(n, 4, cluster_mod.ClusterConfig()) == 4  # K <= refine_guards_max_k: guards instead
     assert cluster_mod.oversplit_classes(100, 4, cfg) == 4  # 12.5 a class: too few
     calls = []
     real = cluster_mod.polish
     monkeypatch.setattr(cluster_mod, "polish", lambda *x, **kw: calls.append(x[4]) or real(*x, **kw))
     with caplog.at_level(logging.INFO, logger="clcluster.steps.cluster"):
         ml = cluster_mod.likelihood_polish(preprocessed_easy, a, 4, cfg)
-    assert calls == [4, 8]  # the direct fit, the over-split one; the merged K-class fit starts from its references
+    assert calls == [8]  # the over-split fit; the K-class fit starts from the merged references
     assert ml.references.shape[0] == 4 and hungarian_accuracy(truth, ml.labels) >= 0.9
-    assert re.search(r"ML2D stage: log-likelihood \S+ from the refined classes, \S+ from 8 classes merged; kept the", caplog.text)
+    assert re.search(r"ML2D over 8 classes: \d+ iterations, \S+ s; merged into 4", caplog.text)

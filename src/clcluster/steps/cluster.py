@@ -203,30 +203,26 @@ def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: in
                       candidates: np.ndarray | None = None) -> ML2DResult:
     """`ml2d.polish` from a refinement's classes and poses, as `cfg` sets it (`ml_iterations`);
     candidates (n, c): the classes each particle is compared with (None: all K). Where
-    `oversplit_classes` allows, also the fit from the over-split start (`oversplit_start`); the
-    one with the higher log-likelihood is kept (merging by reference similarity can join two
-    distinct views where few, well-separated classes exist; the likelihood tells)."""
+    `oversplit_classes` allows, from the over-split start instead (`oversplit_start`)."""
     ml_args = dict(n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
                    cache_bytes=cfg.cache_mb * 1e6, balance=cfg.refine_balance)
-    max_iter = ml_iterations(k, cfg, None if candidates is None else candidates.shape[1])
-    direct = polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=max_iter, candidates=candidates, **ml_args)
     k2 = oversplit_classes(len(a.labels), k, cfg) if candidates is None else k
-    if k2 <= k:
-        return direct
-    refs = oversplit_start(images, a, k, k2, cfg, seed, ml_args)
-    merged = ml2d(np.asarray(images[:], dtype=np.float32), k, init_references=refs,
-                  max_iter=max(1, ml_iterations(k, cfg) // 2), **ml_args)
-    keep = merged if merged.log_likelihood > direct.log_likelihood else direct
-    log.info("ML2D stage: log-likelihood %.1f from the refined classes, %.1f from %d classes merged; kept the %s",
-             direct.log_likelihood, merged.log_likelihood, k2, "merged" if keep is merged else "refined")
-    return keep
+    if k2 > k:
+        refs = oversplit_start(images, a, k, k2, cfg, seed, ml_args)
+        return ml2d(np.asarray(images[:], dtype=np.float32), k, init_references=refs,
+                    max_iter=max(1, ml_iterations(k, cfg) // 2), **ml_args)
+    max_iter = ml_iterations(k, cfg, None if candidates is None else candidates.shape[1])
+    return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=max_iter, candidates=candidates, **ml_args)
 
 
 def oversplit_classes(n: int, k: int, cfg: ClusterConfig) -> int:
-    """Classes of the over-split ML2D stage: `cfg.refine_oversplit` x K where every one of them
-    would still hold OVERSPLIT_MIN_CLASS_SIZE particles of the n refined (else K: no over-split)."""
+    """Classes of the over-split ML2D stage: `cfg.refine_oversplit` x K where the guards do not
+    apply (K > `cfg.refine_guards_max_k`: many classes, where a continuum of views is cut into
+    pieces) and every one of them would still hold OVERSPLIT_MIN_CLASS_SIZE particles of the n
+    refined; else K (no over-split). At few classes the guards' restarts and split-and-merge
+    moves run instead, and merging by reference similarity joined two distinct views there."""
     k2 = cfg.refine_oversplit * k
-    return k2 if cfg.refine_oversplit > 1 and n >= OVERSPLIT_MIN_CLASS_SIZE * k2 else k
+    return k2 if cfg.refine_oversplit > 1 and not guards_apply(k, cfg) and n >= OVERSPLIT_MIN_CLASS_SIZE * k2 else k
 
 
 def oversplit_start(images, a: Alignment, k: int, k2: int, cfg: ClusterConfig, seed: int, ml_args: dict) -> np.ndarray:
