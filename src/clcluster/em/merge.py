@@ -5,7 +5,7 @@ reference per group.
 On a continuum of views a class of 2K narrower classes averages fewer, more alike particles, so
 its reference is sharper; grouping those references by how well they match at their best
 relative rotation and averaging each group gives K starts that carry the views better than K
-classes fitted directly (docs/realistic.md, "More classes, then merged").
+classes fitted directly (docs/realistic.md, "Balanced priors and more classes, then merged").
 
 Conventions as in `imageops.rotate`: angles in degrees, counter-clockwise; references (k, D, D)
 in image units, centred on the box centre (D//2, D//2).
