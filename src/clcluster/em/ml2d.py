@@ -96,6 +96,11 @@ def _score_terms(scan: PolarScanner, q: torch.Tensor, alpha: np.ndarray, sigma2:
     return wq, bias
 
 
+def _fitted_terms(scan: PolarScanner, q: torch.Tensor, m: dict):
+    """`_score_terms` of a fitted model's state m (alpha, sigma2, tau, shift_prior) with references q on scan."""
+    return _score_terms(scan, q, m["alpha"], m["sigma2"], _log_shift_prior(scan.shift_d2, m["tau"], m["shift_prior"]))
+
+
 def _posterior(scan: PolarScanner, spec: torch.Tensor, wq: torch.Tensor, bias: torch.Tensor,
                cand: torch.Tensor) -> estep.Posterior:
     """E-step of one batch (spectra (M, b*S, Nr)) over the candidate classes cand ((c,) shared,
@@ -206,8 +211,8 @@ class ML2D:
         """New references (posterior-weighted averages; an empty class is set to 0), class
         priors, noise variance and (Gaussian prior) shift prior width from an E-step's sums."""
         n, nk = data.n, st.nk
-        fractions = np.maximum(nk.cpu().numpy() / n, 0.0)
-        self.alpha = balanced_prior(self.alpha, fractions * n, n) if self.balance else fractions
+        sizes = nk.cpu().numpy()
+        self.alpha = balanced_prior(self.alpha, sizes, n) if self.balance else np.maximum(sizes / n, 0.0)
         safe = torch.clamp(nk, min=1e-12).to(st.num.real.dtype)
         q = st.num / safe[None, :, None]
         q[:, nk <= 1e-12] = 0
@@ -355,7 +360,7 @@ def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = 
     scan = fit if fit.device == dev else PolarScanner(fit.box, fit.n_rot, fit.max_shift, fit.r_max, fit.n_radii, dev)
     q = m["q"].to(dev)
     k = q.shape[1]
-    wq, bias = _score_terms(scan, q, m["alpha"], m["sigma2"], _log_shift_prior(scan.shift_d2, m["tau"], m["shift_prior"]))
+    wq, bias = _fitted_terms(scan, q, m)
     n = len(images)
     lab, prob = np.empty(n, np.int64), np.empty(n, np.float32)
     rot_i, sh_i = np.empty(n, np.int64), np.empty(n, np.int64)
@@ -376,7 +381,7 @@ def log_evidence(images: np.ndarray, result: ML2DResult, classes: np.ndarray | N
     fitted), against noise alone (a zero image): log p(x | model) - log p(x | noise)."""
     m = result.model
     scan = m["scan"]
-    wq, bias = _score_terms(scan, m["q"], m["alpha"], m["sigma2"], _log_shift_prior(scan.shift_d2, m["tau"], m["shift_prior"]))
+    wq, bias = _fitted_terms(scan, m["q"], m)
     cand = estep.all_classes(m["q"].shape[1], scan.device) if classes is None else torch.as_tensor(
         np.asarray(classes, dtype=np.int64), device=scan.device)
     out = []

@@ -208,8 +208,9 @@ def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: in
                    cache_bytes=cfg.cache_mb * 1e6, balance=cfg.refine_balance)
     k2 = oversplit_classes(len(a.labels), k, cfg) if candidates is None else k
     if k2 > k:
+        images = np.asarray(images[:], dtype=np.float32)  # read once (a RowView or memory map) for both fits
         refs = oversplit_start(images, a, k, k2, cfg, seed, ml_args)
-        return ml2d(np.asarray(images[:], dtype=np.float32), k, init_references=refs,
+        return ml2d(images, k, init_references=refs,
                     max_iter=max(1, ml_iterations(k, cfg) // 2), **ml_args)
     max_iter = ml_iterations(k, cfg, None if candidates is None else candidates.shape[1])
     return polish(images, a.labels, a.angle_deg, a.shift_px, k, max_iter=max_iter, candidates=candidates, **ml_args)
