@@ -313,3 +313,19 @@ def test_rescue_keeps_particles_that_match_a_selected_class():
     assert (r.matched_class[40:60] == 0).all()
     off = rescue_particles(images, labels, selected, zeros, np.zeros((100, 2)), 0.0)
     assert (off.kept == (labels == 0)).all()
+
+
+def test_pick_contrast_is_written_and_noise_like_picks_leave_the_selection(run):
+    out, summary = run["out"], run["summary"]
+    d = starfile.read(out / "particles_classified.star", always_dict=True)["particles"]
+    contrast = d["rlnClclusterPickContrast"].to_numpy()
+    assert np.isfinite(contrast).all() and len(contrast) == len(run["labels"])
+    assert np.median(contrast) > 0  # every pick of this stack is a particle in the disc
+    sel = set(_image_names(out / "particles_selected.star")[0])
+    names = d["rlnImageName"].astype(str).to_numpy()
+    threshold = summary["pick_contrast_threshold"]
+    if threshold is not None:
+        assert not sel & set(names[contrast < threshold - 1e-6])  # the STAR holds rounded values
+    if threshold is not None:
+        assert abs(summary["noise_like_picks"] - int((contrast < threshold).sum())) <= 1
+    assert summary["noise_like_picks"] <= 0.1 * len(names)

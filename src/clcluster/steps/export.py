@@ -8,7 +8,8 @@ Columns written per particle (existing columns of the same name are replaced):
   _rlnClclusterDistance, _rlnClclusterMargin (embedding distance to the own centroid and margin to
   the second nearest; RELION 3.1+ keeps unknown labels with a warning), _rlnClclusterScore (NCC
   with the class average), _rlnClclusterClassProbability (the ML2D stage's posterior probability
-  of the assigned class, summed over poses; written where that stage ran).
+  of the assigned class, summed over poses; written where that stage ran), _rlnClclusterPickContrast
+  (log ratio of particle-band power inside the particle radius to around it; `image.pickscore`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from clcluster.em.averages import (
     wiener_class_averages,
 )
 from clcluster.em.poses import refine_array, refine_original
+from clcluster.image.pickscore import PickContrast, pick_contrast
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import StackError, write_stack
 from clcluster.io.star import ParticleTable, write_star
@@ -72,6 +74,8 @@ class ExportConfig:
     min_stability: float = 0.0
     min_coherence_z: float = -3.0
     rescue_quantile: float = 0.05
+    pick_max_good_loss: float = 0.05
+    pick_radius: float = 0.375
     select: list = dataclasses.field(default_factory=list)
     write_poses: bool = True
     clcluster_columns: bool = True
@@ -369,6 +373,7 @@ class Quality:
     order: np.ndarray  # classes, best ranked first (0-based)
     kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued)
     rescued: int = 0  # particles of junk-suggested classes kept (`rescue_particles`)
+    picks: PickContrast | None = None  # per-pick contrast and noise-like flags (`screen_picks`)
 
 
 def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig) -> Quality:
@@ -393,6 +398,22 @@ def rescue(images, labels, poses: Poses, quality: Quality, cfg: ExportConfig, wo
                          n_angles=cfg.align_angles, max_shift_px=cfg.align_max_shift_px, device=device,
                          batch_size=cfg.batch_size, cache_mb=cfg.cache_mb)
     return dataclasses.replace(quality, kept=r.kept, rescued=int((r.kept & ~selected[labels]).sum()))
+
+
+def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, seed: int) -> Quality:
+    """Score every pick's contrast (`image.pickscore`); with the automatic selection and
+    `cfg.pick_max_good_loss` > 0, noise-like picks leave particles_selected. Adds each class's
+    noise-like fraction to the quality table (`noise_like`)."""
+    box = images.shape[-1]
+    loss = 0.0 if cfg.select else cfg.pick_max_good_loss
+    picks = pick_contrast(images, cfg.pick_radius * box, loss, seed, cfg.batch_size * 4)
+    counts = np.bincount(labels, minlength=k)
+    table = quality.table.copy()
+    table["noise_like"] = np.bincount(labels, weights=picks.noise_like, minlength=k) / np.maximum(counts, 1)
+    kept = quality.kept if quality.kept is not None else table["selected"].to_numpy()[labels]
+    log.info("pick contrast: %d of %d picks noise-like (threshold %.3f, estimated noise-like fraction %.2f)",
+             int(picks.noise_like.sum()), len(labels), picks.threshold, picks.noise_fraction)
+    return dataclasses.replace(quality, table=table, kept=kept & ~picks.noise_like, picks=picks)
 
 
 def add_stability(q: pd.DataFrame, stability, min_stability: float = 0.0, user_select: bool = False) -> pd.DataFrame:
@@ -435,7 +456,8 @@ def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Q
     frc_plot(quality.curves, box, averages.apix, cfg.frc_threshold, out_dir / "frc.png", quality.order[: min(k, 12)])
 
 
-def classified_table(table: ParticleTable, labels, poses: Poses, assignments: dict, cfg: ExportConfig):
+def classified_table(table: ParticleTable, labels, poses: Poses, assignments: dict, cfg: ExportConfig,
+                     picks: PickContrast | None = None):
     """The input table with class, pose (RELION convention, flavour's units) and clcluster
     columns added; also returns (psi [deg], origin [Å] (n, 2))."""
     psi, ox_A, oy_A = relion_pose(poses.angle_deg, poses.shift_px, poses.apix)
@@ -454,6 +476,8 @@ def classified_table(table: ParticleTable, labels, poses: Poses, assignments: di
             if assignments.get(key) is not None:
                 parts[col] = np.asarray(assignments[key], dtype=np.float64)
         parts["rlnClclusterScore"] = np.asarray(poses.score, dtype=np.float64)
+        if picks is not None:
+            parts["rlnClclusterPickContrast"] = picks.scores
     return table.with_particles(parts), psi, np.stack([ox_A, oy_A], axis=1)
 
 
@@ -492,8 +516,13 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
         averages = make_averages(table, images, labels, k, poses, halves, cfg, averages.source, work_apix)
     quality = assess_quality(labels, k, averages, poses, assignments, cfg)
     quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
+    quality = screen_picks(images, labels, k, quality, cfg, seed)
     write_averages(out_dir, labels, k, averages, quality, cfg)
     return write_particles(out_dir, table, labels, k, poses, averages, quality, assignments, cfg, embeddings, seed)
+
+
+def _finite_or_none(x: float):
+    return float(x) if np.isfinite(x) else None
 
 
 def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages: Averages, quality: Quality,
@@ -509,7 +538,7 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
             log.warning("%d embeddings for %d particles: no embedding map", len(embeddings), n)
         else:
             tsne = embedding_map(np.asarray(embeddings), labels, out_dir / "embedding_map.png", cfg.tsne_max_points, seed)
-    classified, psi, origin_A = classified_table(table, labels, poses, assignments, cfg)
+    classified, psi, origin_A = classified_table(table, labels, poses, assignments, cfg, quality.picks)
     for j in range(k):
         write_star(out_dir / "classes" / f"class_{j + 1:03d}.star", classified.subset(np.flatnonzero(labels == j)))
     sel_rows = np.flatnonzero(quality.kept if quality.kept is not None else np.isin(labels + 1, selected_classes))
@@ -525,7 +554,12 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
         f"automatic: fraction >= {cfg.min_class_fraction}, coherence z >= {cfg.min_coherence_z}"
         + (f", resolution <= {cfg.junk_resolution_A} Å" if cfg.junk_resolution_A > 0 else "")
         + (f", seed stability >= {cfg.min_stability}" if cfg.min_stability > 0 and "stability" in q else "")
-        + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}",
+        + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}"
+        + (f"; noise-like picks removed (estimated loss of other picks <= {cfg.pick_max_good_loss})"
+           if cfg.pick_max_good_loss > 0 and not cfg.select else ""),
+        "noise_like_picks": int(quality.picks.noise_like.sum()) if quality.picks is not None else 0,
+        "pick_contrast_threshold": _finite_or_none(quality.picks.threshold) if quality.picks is not None else None,
+        "noise_like_fraction_estimated": _finite_or_none(quality.picks.noise_fraction) if quality.picks is not None else None,
         "seed_ari": float(assignments["seed_ari"]) if assignments.get("seed_ari") is not None else None,
         "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
                      "from": "original images, CTF-aware (Wiener)" if averages.source == "input"
