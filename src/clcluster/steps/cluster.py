@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from clcluster.em.align import (
 from clcluster.em.merge import aligned_similarity, group_references, merged_references
 from clcluster.em.ml2d import ML2DResult, classify, ml2d, polish
 from clcluster.em.restarts import best_restart, random_partition
+from clcluster.image.pickscore import pick_contrast
 from clcluster.learn.data import RowView, random_rows
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class ClusterConfig:
     refine_ml_budget: int = 1200
     refine_balance: bool = True
     refine_oversplit: int = 2
+    refine_noise_screen: float = 0.05
     refine_ml_max_shift_px: int = 3  # schedule: ML2D stage translation search radius (working-box px)
     refine_max_shift_px: int = 2
     refine_angles: int = 64
@@ -346,20 +349,39 @@ def _assign_all(images, features: np.ndarray, sub_feats: np.ndarray, a: Alignmen
     return align_all(all_cache, refs, cand, accumulate=False)[0], prob
 
 
+def refinement_rows(images, n: int, cfg: ClusterConfig, seed: int, particle_radius_px: float | None) -> np.ndarray:
+    """Rows (sorted) the refinement fits: a seeded random subset of at most `cfg.refine_subset`
+    particles, less its noise-like picks (`image.pickscore`, estimated loss of the other picks
+    at most `cfg.refine_noise_screen`; 0: none dropped). particle_radius_px: the pick contrast's
+    disc (None: 0.375 x box, RELION's background radius)."""
+    rows = random_rows(n, cfg.refine_subset, [seed, REFINE_SUBSET])
+    if cfg.refine_noise_screen <= 0:
+        return rows
+    box = images.shape[-1]
+    radius = particle_radius_px if particle_radius_px and particle_radius_px > 0 else 0.375 * box
+    view = images if len(rows) == n else RowView(images, rows)
+    picks = pick_contrast(view, radius, cfg.refine_noise_screen, seed, batch=4 * cfg.batch_size)
+    if picks.noise_like.any():
+        log.info("refinement without %d noise-like picks of %d (pick contrast below %.3f; estimated noise-like "
+                 "fraction %.2f); they are assigned with the rest", int(picks.noise_like.sum()), len(rows),
+                 picks.threshold, picks.noise_fraction)
+    return rows[~picks.noise_like]
+
+
 def _refine(result: Clustering, features: np.ndarray, images, near: np.ndarray, k: int, cfg: ClusterConfig,
-            seed: int, device, timings: dict) -> Alignment:
-    """The alignment-based refinement of `cluster` (on a subset above `cfg.refine_subset`
-    particles, then every particle assigned); sets result.probability and the timings, returns
-    the final Alignment of every particle."""
+            seed: int, device, timings: dict, particle_radius_px: float | None = None) -> Alignment:
+    """The alignment-based refinement of `cluster` (on `refinement_rows`: a subset above
+    `cfg.refine_subset` particles, less the noise-like picks; then every particle assigned); sets
+    result.probability and the timings, returns the final Alignment of every particle."""
     t1 = time.time()
     pg = PolarGrid(images.shape[-1], n_angles=cfg.refine_angles, max_shift=cfg.refine_max_shift_px)
     tdev = select_device(device)
-    rows = random_rows(len(features), cfg.refine_subset, [seed, REFINE_SUBSET])
+    rows = refinement_rows(images, len(features), cfg, seed, particle_radius_px)
     whole = len(rows) == len(features)
     sub_images = images if whole else RowView(images, rows)
     sub_feats = features if whole else np.asarray(features[rows])
     if not whole:
-        log.info("refinement on a random subset of %d of %d particles", len(rows), len(features))
+        log.info("refinement on %d of %d particles", len(rows), len(features))
     cache = PolarCache(sub_images, pg, tdev, batch_size=cfg.batch_size, max_bytes=cfg.cache_mb * 1e6)
     res, ml = _refine_restarts(cache, sub_images, result.kmeans_labels[rows], near[rows], k, cfg, seed, tdev)
     a, refs, prob = res.alignment, res.refs, None
@@ -380,7 +402,7 @@ def _refine(result: Clustering, features: np.ndarray, images, near: np.ndarray, 
 
 
 def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, images=None,
-            device: str = "auto") -> Clustering:
+            device: str = "auto", particle_radius_px: float | None = None) -> Clustering:
     """K-means++ on L2-normalised features (n, d), then (if cfg.refine and `images` (n, box, box)
     array-like are given) alignment-based refinement (`refine_chain`: annealed EM, split-and-merge
     moves each kept only if the mean NCC rises, ML2D iterations) from the K-means classes and,
@@ -391,7 +413,8 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     only up to `cfg.refine_guards_max_k` classes (`guards_apply`).
 
     Above `cfg.refine_subset` particles the refinement runs on a seeded random subset of that
-    size, and every particle is then assigned, in one streamed alignment pass, to the refined
+    size, noise-like picks (`refinement_rows`; particle_radius_px: the pick contrast's disc) are
+    left out of it, and every particle is then assigned, in one streamed alignment pass, to the refined
     class references (all K of them, or its `cfg.assign_candidates` nearest classes in embedding
     space): cost and memory of refinement fixed, of assignment linear in n. With
     `cfg.refine_ml_iterations` > 0 the refinement ends with ML2D iterations from its classes
@@ -404,18 +427,18 @@ def cluster(features: np.ndarray, k: int, cfg: ClusterConfig, seed: int = 0, ima
     log.info("K-means++ (%d initialisations) on %d x %d features: %.1f s", cfg.n_init, *features.shape, timings["kmeans_s"])
     result = Clustering(labels.copy(), labels, own, margin, cents, timings=timings)
     if not cfg.refine or images is None or k == 1:
-        return with_stability(result, features, k, cfg, seed, images, device)
-    a = _refine(result, features, images, near, k, cfg, seed, device, timings)
+        return with_stability(result, features, k, cfg, seed, images, device, particle_radius_px)
+    a = _refine(result, features, images, near, k, cfg, seed, device, timings, particle_radius_px)
     final = class_means(features, a.labels, k, cents)
     _, own, margin, _ = assign(features, final, 1, labels=a.labels)
     result.labels, result.distance, result.margin, result.centroids = a.labels, own, margin, final
     result.angle_deg, result.shift_px, result.score = a.angle_deg, a.shift_px, a.score
     result.objective = float(a.score.mean())
-    return with_stability(result, features, k, cfg, seed, images, device)
+    return with_stability(result, features, k, cfg, seed, images, device, particle_radius_px)
 
 
 def with_stability(result: Clustering, features, k: int, cfg: ClusterConfig, seed: int, images=None,
-                   device="auto") -> Clustering:
+                   device="auto", particle_radius_px: float | None = None) -> Clustering:
     """Seed stability of a finished clustering (labels 0..k-1 of every particle), filled into
     `result.stability` (k,) and `result.seed_ari`: `cfg.stability_runs` further runs of `cluster`
     (the same K-means start and refinement as the main run, stability runs off) on a random subset
@@ -439,7 +462,7 @@ def with_stability(result: Clustering, features, k: int, cfg: ClusterConfig, see
     for r in range(1, cfg.stability_runs + 1):
         log.info("seed stability: run %d of %d on %d particles", r, cfg.stability_runs, len(rows))
         runs.append(cluster(sub_feats, k, run_cfg, seed=stream_seed([seed, STABILITY, r]), images=sub_images,
-                            device=device).labels)
+                            device=device, particle_radius_px=particle_radius_px).labels)
     result.stability, result.seed_ari = seed_stability(result.labels[rows], runs, k)
     result.timings["stability_s"] = time.time() - t
     log.info("seed stability over %d run(s) on %d particles: ARI %.3f with the main run; class stability median %.2f, "
@@ -506,8 +529,9 @@ def main(args: argparse.Namespace) -> int:
     feats = merge_embeddings(args.embeddings)
     if len(feats) != len(rows):
         raise ValueError(f"{len(feats)} embeddings for {len(rows)} particles in the shards")
+    meta = json.loads(Path(args.preprocessed[0]).with_suffix(".json").read_text())
     res = cluster(feats, k, ClusterConfig.from_dict(cfg["cluster"]), seed=cfg["seed"], images=ShardSet(args.preprocessed),
-                  device=args.device or cfg["device"])
+                  device=args.device or cfg["device"], particle_radius_px=meta.get("particle_radius_px"))
     labels = write_assignments(res, rows, args.out_dir)["labels"]
     if res.stability is not None:
         log.info("seed stability: ARI %.3f; per class %s", res.seed_ari, np.round(res.stability, 2).tolist())

@@ -75,7 +75,6 @@ class ExportConfig:
     min_coherence_z: float = -3.0
     rescue_quantile: float = 0.05
     pick_max_good_loss: float = 0.05
-    pick_radius: float = 0.375
     select: list = dataclasses.field(default_factory=list)
     write_poses: bool = True
     clcluster_columns: bool = True
@@ -400,13 +399,15 @@ def rescue(images, labels, poses: Poses, quality: Quality, cfg: ExportConfig, wo
     return dataclasses.replace(quality, kept=r.kept, rescued=int((r.kept & ~selected[labels]).sum()))
 
 
-def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, seed: int) -> Quality:
-    """Score every pick's contrast (`image.pickscore`); with the automatic selection and
+def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, seed: int,
+                 particle_radius_px: float | None = None) -> Quality:
+    """Score every pick's contrast (`image.pickscore`; disc of particle_radius_px, None: 0.375 x
+    box, RELION's background radius); with the automatic selection and
     `cfg.pick_max_good_loss` > 0, noise-like picks leave particles_selected. Adds each class's
     noise-like fraction to the quality table (`noise_like`)."""
-    box = images.shape[-1]
+    radius = particle_radius_px if particle_radius_px and particle_radius_px > 0 else 0.375 * images.shape[-1]
     loss = 0.0 if cfg.select else cfg.pick_max_good_loss
-    picks = pick_contrast(images, cfg.pick_radius * box, loss, seed, cfg.batch_size * 4)
+    picks = pick_contrast(images, radius, loss, seed, cfg.batch_size * 4)
     counts = np.bincount(labels, minlength=k)
     table = quality.table.copy()
     table["noise_like"] = np.bincount(labels, weights=picks.noise_like, minlength=k) / np.maximum(counts, 1)
@@ -516,7 +517,7 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
         averages = make_averages(table, images, labels, k, poses, halves, cfg, averages.source, work_apix)
     quality = assess_quality(labels, k, averages, poses, assignments, cfg)
     quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
-    quality = screen_picks(images, labels, k, quality, cfg, seed)
+    quality = screen_picks(images, labels, k, quality, cfg, seed, meta.get("particle_radius_px"))
     write_averages(out_dir, labels, k, averages, quality, cfg)
     return write_particles(out_dir, table, labels, k, poses, averages, quality, assignments, cfg, embeddings, seed)
 

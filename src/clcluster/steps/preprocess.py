@@ -354,7 +354,7 @@ def _sidecar(n, cfg, box_in, apix, work_apix, has_ctf, states, spectrum, xp) -> 
     corrected_raw = has_ctf and counts.get(RAW, 0) > 0
     phases_right = n > 0 and (has_ctf or counts.get(RAW, 0) == 0)
     return {"particles": n, "box": cfg.box, "input_box": box_in, "input_apix_A": apix,
-            "apix_A": work_apix, "ctf_correction": cfg.ctf,
+            "apix_A": work_apix, "particle_radius_px": cfg.bg_radius(work_apix), "ctf_correction": cfg.ctf,
             "wiener_snr": cfg.wiener_snr if cfg.ctf == "wiener" else None,
             "ctf_input": ctf_record(cfg, has_ctf, states),
             # what the particles' STAR rows would say about the pixels of this array (RELION's
