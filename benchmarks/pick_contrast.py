@@ -10,6 +10,12 @@ fraction of good particles kept and of junk removed (all junk and per kind).
 
 Cases: SNR 0.05, uniform views, 25 % junk (the realistic benchmark's default) and SNR 0.02,
 preferred views, 30 % junk.
+
+    python benchmarks/pick_contrast.py --particles 4000 --ml2d-seeds 1 2
+
+also fits ML2D with balanced priors (K=20, random references, 40 iterations) on the whitened
+SNR 0.05 stack with and without its noise-like picks (those are then labelled by the fitted
+model) and prints the view-coherence score of each fit.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from sklearn.metrics import roc_auc_score
 
 from clcluster.bench.benchmark import prepare
 from clcluster.core.config import load_config
+from clcluster.bench.realistic_scores import coherence_references, median_view_angle, view_score
+from clcluster.em.ml2d import classify, ml2d
 from clcluster.image.pickscore import pick_contrast
 from clcluster.sim.realistic import PARTICLE, RealisticConfig, add_coloured_noise, simulate_realistic_clean
 from clcluster.steps.preprocess import PreprocessConfig
@@ -32,7 +40,8 @@ LOSSES = (0.02, 0.05, 0.1)
 
 
 def stacks(ribosome: str, particles: int, snr: float, realistic: dict, cfg: dict):
-    """{'whitened': images, 'unwhitened': images} (n, box, box) and the pick kinds (n,)."""
+    """{'whitened': images, 'unwhitened': images} (n, box, box), the pick kinds (n,) and the
+    true viewing directions (n, 3)."""
     sc = SimulationConfig(volumes=(ribosome,), apix=5.0, volume_apix=5.0, mode="realistic",
                           realistic={"particles": particles, **realistic})
     rc = RealisticConfig.from_dict(sc.realistic)
@@ -41,7 +50,21 @@ def stacks(ribosome: str, particles: int, snr: float, realistic: dict, cfg: dict
     noisy, _ = add_coloured_noise(clean, kind == PARTICLE, snr, rc, sc.seed)
     pp = PreprocessConfig.from_dict(cfg["preprocess"])
     return {name: prepare(noisy, ctf, sc.apix, dataclasses.replace(pp, whiten=w))
-            for name, w in (("whitened", True), ("unwhitened", False))}, kind
+            for name, w in (("whitened", True), ("unwhitened", False))}, kind, truth[["dir_x", "dir_y", "dir_z"]].to_numpy()
+
+
+def fit_without_noise_like(images, kind: np.ndarray, dirs: np.ndarray, seeds, k: int = 20) -> None:
+    """View score of balanced ML2D fits (random references) on all picks and without the
+    noise-like ones (`export.pick_max_good_loss` 0.05), every pick labelled by the fitted model."""
+    good = kind == PARTICLE
+    coherence = coherence_references(dirs[good], k, 0)
+    fit_rows = np.flatnonzero(~pick_contrast(images, 0.375 * images.shape[-1], 0.05).noise_like)
+    for seed in seeds:
+        for name, rows in (("all picks", np.arange(len(images))), ("without noise-like picks", fit_rows)):
+            result = ml2d(images[rows], k, max_iter=40, n_rotations=64, max_shift=3, seed=seed, balance=True)
+            labels = classify(images, result)[0]
+            score = view_score(median_view_angle(dirs[good], labels[good]), coherence)
+            print(f"  ML2D (balanced, seed {seed}) fitted on {name} ({len(rows)}): view score {score:.3f}")
 
 
 def report(images, kind: np.ndarray) -> None:
@@ -67,13 +90,16 @@ def main() -> None:
     ap.add_argument("--particles", type=int, default=2000)
     ap.add_argument("--ribosome", default="../shared/data/volumes/clean70SRibosome_vol_65p.mrc")
     ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--ml2d-seeds", type=int, nargs="*", default=[], help="also the ML2D fits with and without noise-like picks")
     a = ap.parse_args()
     cfg = load_config(a.config)
-    for name, (snr, realistic) in CASES.items():
-        images, kind = stacks(a.ribosome, a.particles, snr, realistic, cfg)
+    for i, (name, (snr, realistic)) in enumerate(CASES.items()):
+        images, kind, dirs = stacks(a.ribosome, a.particles, snr, realistic, cfg)
         for prep, x in images.items():
             print(f"{name}, {a.particles} picks, {prep}:")
             report(x, kind)
+        if i == 0 and a.ml2d_seeds:
+            fit_without_noise_like(images["whitened"], kind, dirs, a.ml2d_seeds)
 
 
 if __name__ == "__main__":
