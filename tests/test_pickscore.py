@@ -2,6 +2,8 @@
 null and the cut's estimate of the noise-like fraction. Synthetic stacks with a fixed seed."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from clcluster.image.imageops import gaussian_lowpass, radius_grid
@@ -71,3 +73,24 @@ def test_screen_off_or_too_few_picks_flags_nothing():
     assert not pick_contrast(images, 12.0, 0.05).noise_like.any()
     images, _ = particle_stack(300, 100, snr=0.3)
     assert not pick_contrast(images, 12.0, 0.0).noise_like.any()
+
+
+def test_the_cluster_step_fits_without_noise_like_picks_and_labels_them_all(caplog):
+    """`refinement_rows` drops the noise-like picks from the refinement's fit; `cluster` still
+    labels every pick (the dropped ones by the fitted model)."""
+    import logging
+
+    from clcluster.steps.cluster import ClusterConfig, cluster, refinement_rows
+
+    images, is_particle = particle_stack(420, 180, snr=0.3, seed=4)
+    cfg = ClusterConfig(n_init=2, refine_restarts=1, refine_ml_iterations=3, stability_runs=0, cache_mb=0, batch_size=64)
+    rows = refinement_rows(images, len(images), cfg, 0, None)
+    assert np.isin(rows, np.flatnonzero(~is_particle)).sum() <= 0.3 * (~is_particle).sum()
+    assert np.isin(rows, np.flatnonzero(is_particle)).sum() >= 0.85 * is_particle.sum()  # 600 picks: pi0 is rough
+    off = refinement_rows(images, len(images), dataclasses.replace(cfg, refine_noise_screen=0.0), 0, None)
+    assert np.array_equal(off, np.arange(len(images)))
+    features = np.random.default_rng(0).standard_normal((len(images), 8)).astype(np.float32)
+    with caplog.at_level(logging.INFO, logger="clcluster.steps.cluster"):
+        res = cluster(features, 3, cfg, seed=0, images=images, device="cpu")
+    assert "noise-like picks" in caplog.text
+    assert len(res.labels) == len(images) and set(res.labels) <= {0, 1, 2}

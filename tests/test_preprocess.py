@@ -108,6 +108,7 @@ def test_preprocess_table_writes_float16_and_sidecar(sim_star, tmp_path, monkeyp
     assert side["ctf_correction"] == "phase_flip" and side["star_labels"]["rlnCtfDataArePhaseFlipped"] == 1
     assert side["star_labels"]["rlnImagePixelSize"] == pytest.approx(2.5) and side["star_labels"]["rlnImageSize"] == 64
     assert side["steps"] == ["ctf_phase_flip", "fourier_crop_128_to_64", "normalise_background_r24px", "soft_mask_r24px"]
+    assert side["particle_radius_px"] == pytest.approx(24.0)  # the background radius: the pick contrast's disc
     assert side["dtype"] == "float16" and side["array_module"] == "numpy" and side["batch_size"] == 64
     # the same numbers as preprocessing the images in memory (up to float16 rounding)
     ref = preprocess_batch(sim.images[:150], sim.ctf.subset(np.arange(150)), cfg.apix, pc)

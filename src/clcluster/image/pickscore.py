@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 NULL_TAIL_QUANTILE = 0.2  # Storey's lambda: the null quantile below which picks are counted for pi0
 NULL_MAX_QUANTILE = 0.99  # never cut above this quantile of the noise-only scores
 MIN_PICKS = 50  # fewer picks: no screen (the band and pi0 need a stack)
+DEFAULT_RADIUS_FRACTION = 0.375  # of the box, where no particle radius is given (RELION's background radius)
 
 
 @dataclasses.dataclass
@@ -111,9 +112,11 @@ def noise_cut(scores: np.ndarray, null: np.ndarray, max_good_loss: float) -> tup
     return (float(candidates[within[-1]]) if len(within) else -np.inf), pi0
 
 
-def pick_contrast(images, radius_px: float, max_good_loss: float, seed: int = 0, batch: int = 1024) -> PickContrast:
-    """Score every pick of `images` (n, D, D) and flag the noise-like ones (module docstring)."""
+def pick_contrast(images, radius_px: float | None, max_good_loss: float, seed: int = 0, batch: int = 1024) -> PickContrast:
+    """Score every pick of `images` (n, D, D) array-like and flag the noise-like ones (module
+    docstring); radius_px: the particle radius (None or <= 0: DEFAULT_RADIUS_FRACTION x box)."""
     box = images.shape[-1]
+    radius_px = radius_px if radius_px and radius_px > 0 else DEFAULT_RADIUS_FRACTION * box
     inner, outer = shell_powers(images, radius_px, batch)
     weights = band_weights(inner, outer)
     scores = contrast_scores(inner, outer, weights)

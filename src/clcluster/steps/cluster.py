@@ -357,10 +357,8 @@ def refinement_rows(images, n: int, cfg: ClusterConfig, seed: int, particle_radi
     rows = random_rows(n, cfg.refine_subset, [seed, REFINE_SUBSET])
     if cfg.refine_noise_screen <= 0:
         return rows
-    box = images.shape[-1]
-    radius = particle_radius_px if particle_radius_px and particle_radius_px > 0 else 0.375 * box
     view = images if len(rows) == n else RowView(images, rows)
-    picks = pick_contrast(view, radius, cfg.refine_noise_screen, seed, batch=4 * cfg.batch_size)
+    picks = pick_contrast(view, particle_radius_px, cfg.refine_noise_screen, seed, batch=4 * cfg.batch_size)
     if picks.noise_like.any():
         log.info("refinement without %d noise-like picks of %d (pick contrast below %.3f; estimated noise-like "
                  "fraction %.2f); they are assigned with the rest", int(picks.noise_like.sum()), len(rows),

@@ -405,9 +405,8 @@ def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, se
     box, RELION's background radius); with the automatic selection and
     `cfg.pick_max_good_loss` > 0, noise-like picks leave particles_selected. Adds each class's
     noise-like fraction to the quality table (`noise_like`)."""
-    radius = particle_radius_px if particle_radius_px and particle_radius_px > 0 else 0.375 * images.shape[-1]
     loss = 0.0 if cfg.select else cfg.pick_max_good_loss
-    picks = pick_contrast(images, radius, loss, seed, cfg.batch_size * 4)
+    picks = pick_contrast(images, particle_radius_px, loss, seed, cfg.batch_size * 4)
     counts = np.bincount(labels, minlength=k)
     table = quality.table.copy()
     table["noise_like"] = np.bincount(labels, weights=picks.noise_like, minlength=k) / np.maximum(counts, 1)
