@@ -18,7 +18,9 @@ a threshold from a noise model instead of a hand-set value:
 5. The cut: the fraction of noise-like picks pi0 is estimated from the left tail (the share of
    picks below the null's 20 % quantile over 0.2, Storey's estimator); picks below a threshold t
    are noise-like, with t the highest value at which the estimated loss of the other picks,
-   (F(t) - pi0 F0(t)) / (1 - pi0), stays within `max_good_loss` (F: the scores' CDF, F0: the null's).
+   (F(t) - pi0 F0(t)) / (1 - pi0), stays within `max_good_loss` (F: the scores' CDF, F0: the null's)
+   and at least half the picks below t are estimated noise-like (pi0 F0(t) >= F(t) / 2), so that
+   a stack without noise-like picks loses none.
    The estimate counts particles that score like noise into pi0, so the real loss can exceed it
    at very low SNR (docs/realistic.md measures it).
 
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 NULL_TAIL_QUANTILE = 0.2  # Storey's lambda: the null quantile below which picks are counted for pi0
 NULL_MAX_QUANTILE = 0.99  # never cut above this quantile of the noise-only scores
+MIN_NOISE_SHARE = 0.5  # the picks cut must be estimated noise-like for at least this share
 MIN_PICKS = 50  # fewer picks: no screen (the band and pi0 need a stack)
 DEFAULT_RADIUS_FRACTION = 0.375  # of the box, where no particle radius is given (RELION's background radius)
 
@@ -98,7 +101,9 @@ def null_scores(background: np.ndarray, weights: np.ndarray, box: int, radius_px
 
 def noise_cut(scores: np.ndarray, null: np.ndarray, max_good_loss: float) -> tuple[float, float]:
     """(threshold, pi0): the highest score cut at which the estimated loss of picks that are not
-    noise stays within `max_good_loss` (fraction), and the estimated noise-like fraction pi0."""
+    noise stays within `max_good_loss` (fraction) and at least MIN_NOISE_SHARE of the picks below
+    the cut are estimated noise-like (pi0 F0(t) >= 0.5 F(t): a stack without noise-like picks
+    loses none), and the estimated noise-like fraction pi0."""
     null = np.sort(null)
     pi0 = min(1.0, float(np.mean(scores < np.quantile(null, NULL_TAIL_QUANTILE))) / NULL_TAIL_QUANTILE)
     if pi0 >= 1.0:
@@ -108,7 +113,8 @@ def noise_cut(scores: np.ndarray, null: np.ndarray, max_good_loss: float) -> tup
     below_all = np.searchsorted(sorted_scores, candidates, side="left") / len(scores)
     below_null = np.searchsorted(null, candidates, side="left") / len(null)
     loss = (below_all - pi0 * below_null) / (1.0 - pi0)
-    within = np.flatnonzero(loss <= max_good_loss)
+    mostly_noise = pi0 * below_null >= MIN_NOISE_SHARE * below_all
+    within = np.flatnonzero((loss <= max_good_loss) & mostly_noise)
     return (float(candidates[within[-1]]) if len(within) else -np.inf), pi0
 
 
