@@ -60,7 +60,7 @@ def fit_without_noise_like(images, kind: np.ndarray, dirs: np.ndarray, seeds, k:
     coherence = coherence_references(dirs[good], k, 0)
     fit_rows = np.flatnonzero(~pick_contrast(images, 0.375 * images.shape[-1], 0.05).noise_like)
     for seed in seeds:
-        for name, rows in (("all picks", np.arange(len(images))), ("without noise-like picks", fit_rows)):
+        for name, rows in (("all picks", np.arange(len(images))), ("the picks that are not noise-like", fit_rows)):
             result = ml2d(images[rows], k, max_iter=40, n_rotations=64, max_shift=3, seed=seed, balance=True)
             labels = classify(images, result)[0]
             score = view_score(median_view_angle(dirs[good], labels[good]), coherence)
