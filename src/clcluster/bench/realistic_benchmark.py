@@ -56,7 +56,7 @@ class RealisticBenchmarkConfig:
 def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_cfg: dict, seed: int = 0,
                         angle_deg=None, shift_px=None, average_images=None, stability=None):
     """The export's automatic class selection (`steps.export`: class_poses -> make_averages ->
-    assess_quality -> rescue -> screen_picks) on preprocessed images (n, D, D) at `apix` Å/px, with the
+    select_particles) on preprocessed images (n, D, D) at `apix` Å/px, with the
     averages of the working box (the benchmark has no original stacks, so no pose refinement at
     the input pixel size). The poses come from `images` (starting from the classifier's poses
     angle_deg (n,) degrees and shift_px (n, 2) px where given); the averages are taken of
@@ -64,15 +64,14 @@ def automatic_selection(images, labels: np.ndarray, k: int, apix: float, export_
     `stability` (k,): the cluster step's per-class seed stability.
     -> (kept (n,) bool, averages (k, D, D), quality DataFrame)."""
     from clcluster.em.averages import split_halves
-    from clcluster.steps.export import ExportConfig, assess_quality, class_poses, make_averages, rescue, screen_picks
+    from clcluster.steps.export import ExportConfig, class_poses, make_averages, select_particles
 
     ec = ExportConfig.from_dict(export_cfg)
     assignments = {"angle_deg": angle_deg, "shift_px": shift_px, "stability": stability}
     poses = class_poses(images, labels, k, assignments, apix, ec, "cpu", seed)
     source = images if average_images is None else average_images
     averages = make_averages(None, source, labels, k, poses, split_halves(labels, seed), ec, "working", apix)
-    quality = rescue(images, labels, poses, assess_quality(labels, k, averages, poses, assignments, ec), ec, apix, "cpu")
-    quality = screen_picks(images, labels, k, quality, ec, seed)
+    quality = select_particles(images, labels, k, averages, poses, assignments, ec, apix, "cpu", seed)
     return quality.kept, averages.full, quality.table
 
 

@@ -370,7 +370,7 @@ class Quality:
     resolution_A: np.ndarray  # (k,), NaN for classes of fewer than 2 particles
     curves: np.ndarray  # (k, box//2+1) FRC of the half-set averages
     order: np.ndarray  # classes, best ranked first (0-based)
-    kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued)
+    kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued - noise-like)
     rescued: int = 0  # particles of junk-suggested classes kept (`rescue_particles`)
     picks: PickContrast | None = None  # per-pick contrast and noise-like flags (`screen_picks`)
 
@@ -401,7 +401,7 @@ def rescue(images, labels, poses: Poses, quality: Quality, cfg: ExportConfig, wo
 
 def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, seed: int,
                  particle_radius_px: float | None = None) -> Quality:
-    """Score every pick's contrast (`image.pickscore`; disc of particle_radius_px, None: 0.375 x
+    """quality: as `rescue` returns it (kept set). Score every pick's contrast (`image.pickscore`; disc of particle_radius_px, None: 0.375 x
     box, RELION's background radius); with the automatic selection and
     `cfg.pick_max_good_loss` > 0, noise-like picks leave particles_selected. Adds each class's
     noise-like fraction to the quality table (`noise_like`)."""
@@ -410,10 +410,17 @@ def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, se
     counts = np.bincount(labels, minlength=k)
     table = quality.table.copy()
     table["noise_like"] = np.bincount(labels, weights=picks.noise_like, minlength=k) / np.maximum(counts, 1)
-    kept = quality.kept if quality.kept is not None else table["selected"].to_numpy()[labels]
     log.info("pick contrast: %d of %d picks noise-like (threshold %.3f, estimated noise-like fraction %.2f)",
              int(picks.noise_like.sum()), len(labels), picks.threshold, picks.noise_fraction)
-    return dataclasses.replace(quality, table=table, kept=kept & ~picks.noise_like, picks=picks)
+    return dataclasses.replace(quality, table=table, kept=quality.kept & ~picks.noise_like, picks=picks)
+
+
+def select_particles(images, labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
+                     work_apix: float, device: str, seed: int, particle_radius_px: float | None = None) -> Quality:
+    """The automatic selection (or the user's list): `assess_quality` -> `rescue` -> `screen_picks`."""
+    quality = assess_quality(labels, k, averages, poses, assignments, cfg)
+    quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
+    return screen_picks(images, labels, k, quality, cfg, seed, particle_radius_px)
 
 
 def add_stability(q: pd.DataFrame, stability, min_stability: float = 0.0, user_select: bool = False) -> pd.DataFrame:
@@ -514,9 +521,8 @@ def export(table: ParticleTable, assignments: dict, images, meta, k: int, out_di
     if cfg.refine_poses:
         poses = refine_poses(table, images, labels, averages, poses, cfg, work_apix)
         averages = make_averages(table, images, labels, k, poses, halves, cfg, averages.source, work_apix)
-    quality = assess_quality(labels, k, averages, poses, assignments, cfg)
-    quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
-    quality = screen_picks(images, labels, k, quality, cfg, seed, meta.get("particle_radius_px"))
+    quality = select_particles(images, labels, k, averages, poses, assignments, cfg, work_apix, device, seed,
+                               meta.get("particle_radius_px"))
     write_averages(out_dir, labels, k, averages, quality, cfg)
     return write_particles(out_dir, table, labels, k, poses, averages, quality, assignments, cfg, embeddings, seed)
 
