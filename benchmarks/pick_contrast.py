@@ -30,9 +30,9 @@ from clcluster.core.config import load_config
 from clcluster.bench.realistic_scores import coherence_references, median_view_angle, view_score
 from clcluster.em.ml2d import classify, ml2d
 from clcluster.image.pickscore import pick_contrast
-from clcluster.sim.realistic import PARTICLE, RealisticConfig, add_coloured_noise, simulate_realistic_clean
+from clcluster.sim.realistic import PARTICLE
 from clcluster.steps.preprocess import PreprocessConfig
-from clcluster.steps.simulate import SimulationConfig, load_volume
+from refinement_start import noisy_realistic_stack
 
 CASES = {"SNR 0.05, uniform, 25 % junk": (0.05, {}),
          "SNR 0.02, preferred, 30 % junk": (0.02, {"orientations": "preferred", "junk_fraction": 0.3})}
@@ -42,15 +42,11 @@ LOSSES = (0.02, 0.05, 0.1)
 def stacks(ribosome: str, particles: int, snr: float, realistic: dict, cfg: dict):
     """{'whitened': images, 'unwhitened': images} (n, box, box), the pick kinds (n,) and the
     true viewing directions (n, 3)."""
-    sc = SimulationConfig(volumes=(ribosome,), apix=5.0, volume_apix=5.0, mode="realistic",
-                          realistic={"particles": particles, **realistic})
-    rc = RealisticConfig.from_dict(sc.realistic)
-    clean, ctf, truth, _ = simulate_realistic_clean(sc, rc, load_volume(ribosome, sc.box, sc.apix, sc.volume_apix))
-    kind = truth["kind"].to_numpy().astype(str)
-    noisy, _ = add_coloured_noise(clean, kind == PARTICLE, snr, rc, sc.seed)
+    noisy, ctf, truth, sc = noisy_realistic_stack(ribosome, particles, snr, realistic)
     pp = PreprocessConfig.from_dict(cfg["preprocess"])
-    return {name: prepare(noisy, ctf, sc.apix, dataclasses.replace(pp, whiten=w))
-            for name, w in (("whitened", True), ("unwhitened", False))}, kind, truth[["dir_x", "dir_y", "dir_z"]].to_numpy()
+    return ({name: prepare(noisy, ctf, sc.apix, dataclasses.replace(pp, whiten=w))
+             for name, w in (("whitened", True), ("unwhitened", False))},
+            truth["kind"].to_numpy().astype(str), truth[["dir_x", "dir_y", "dir_z"]].to_numpy())
 
 
 def fit_without_noise_like(images, kind: np.ndarray, dirs: np.ndarray, seeds, k: int = 20) -> None:

@@ -45,14 +45,21 @@ from clcluster.steps.simulate import SimulationConfig, load_volume
 K = 20
 
 
-def realistic_stack(ribosome: str, particles: int, snr: float, cfg: dict):
-    """Whitened preprocessed images (n, 32, 32), truth table and the working-box true poses."""
+def noisy_realistic_stack(ribosome: str, particles: int, snr: float, realistic: dict | None = None):
+    """A realistic stack of the ribosome map (box 64 at 5 Å/px; `realistic`: further keys of the
+    realistic mode): noisy images (n, 64, 64), their CTFs, the truth table and the SimulationConfig."""
     sc = SimulationConfig(volumes=(ribosome,), apix=5.0, volume_apix=5.0, mode="realistic",
-                          realistic={"particles": particles})
+                          realistic={"particles": particles, **(realistic or {})})
     rc = RealisticConfig.from_dict(sc.realistic)
     clean, ctf, truth, _ = simulate_realistic_clean(sc, rc, load_volume(ribosome, sc.box, sc.apix, sc.volume_apix))
+    noisy, _ = add_coloured_noise(clean, truth["kind"].to_numpy().astype(str) == PARTICLE, snr, rc, sc.seed)
+    return noisy, ctf, truth, sc
+
+
+def realistic_stack(ribosome: str, particles: int, snr: float, cfg: dict):
+    """Whitened preprocessed images (n, 32, 32), truth table and the working-box true poses."""
+    noisy, ctf, truth, sc = noisy_realistic_stack(ribosome, particles, snr)
     good = truth["kind"].to_numpy().astype(str) == PARTICLE
-    noisy, _ = add_coloured_noise(clean, good, snr, rc, sc.seed)
     pp = dataclasses.replace(PreprocessConfig.from_dict(cfg["preprocess"]), whiten=True)
     images = prepare(noisy, ctf, sc.apix, pp)
     poses = (truth["psi_deg"].to_numpy(), truth[["shift_x_px", "shift_y_px"]].to_numpy() * pp.box / sc.box)
