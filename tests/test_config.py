@@ -25,7 +25,7 @@ NOT_IN_SCHEMA = {
     "simulate": {"seed"},
     "cluster": {"refine_method", "refine_anneal_iterations", "refine_full_every", "refine_wide", "refine_split_merge",
                 "refine_split_merge_rounds", "refine_lean_iterations", "refine_ml_wide", "refine_ml_max_shift_px",
-                "assign_candidates"},
+                "refine_ml_sparse_classes", "refine_ml_full_every", "assign_candidates"},
 }
 DATACLASSES = {"simulate": SimulationConfig, "preprocess": PreprocessConfig, "train": TrainConfig,
                "cluster": ClusterConfig, "export": ExportConfig, "train.augment": AugmentConfig}

@@ -12,7 +12,8 @@ import pytest
 import starfile
 from scipy import ndimage
 
-from clcluster.em.averages import (aligned_means, class_quality, frc, relion_pose, resolution_from_frc)
+from clcluster.em.averages import (aligned_means, class_quality, energy_concentration, frc, relion_pose,
+                                   resolution_from_frc)
 from clcluster.image.ctf import CTFParams, phase_flip
 from clcluster.steps.export import ExportConfig, export
 from clcluster.image.imageops import rotate
@@ -262,6 +263,28 @@ def test_coherence_flags_a_catch_all_class():
     few = np.repeat([0, 1, 2], 40)  # too few classes for a robust spread: no z-score, nothing flagged
     q = class_quality(few, 3, np.full(3, 15.0), score=ncc[:120], min_coherence_z=-3.0)
     assert q["coherence_z"].isna().all() and q["suggestion"].eq("good").all()
+
+
+def test_concentration_flags_a_class_average_that_is_a_compact_spot():
+    """Clean projections of eight views and one average that is a compact bright blob off the
+    centre (an ice blob class), all with a little noise: only the blob's contrast energy is
+    concentrated in a few pixels, and only its class is suggested as junk."""
+    sim = simulate(SimulationConfig(views=8, images_per_view=1, snr=1.0, seed=4))
+    views = sim.projections[:, 16:48, 16:48]
+    yy, xx = np.mgrid[:32, :32] - 16
+    blob = views.max() * np.exp(-((yy - 3) ** 2 + (xx + 2) ** 2) / (2 * 1.5 ** 2))
+    rng = np.random.default_rng(0)
+    averages = np.concatenate([views, blob[None]]) + 0.1 * views.std() * rng.standard_normal((9, 32, 32))
+    share = energy_concentration(averages, 12.0)
+    assert share.shape == (9,) and np.all((share > 0) & (share <= 1))
+    assert share[8] > 1.5 * share[:8].max()
+    labels = np.repeat(np.arange(9), 30)
+    q = class_quality(labels, 9, np.full(9, 15.0), concentration=share, max_concentration_z=3.0)
+    assert q["suggestion"].tolist() == ["good"] * 8 + ["junk"]
+    assert q["concentration_z"].iloc[8] > 3 > q["concentration_z"].iloc[:8].max()
+    assert class_quality(labels, 9, np.full(9, 15.0), concentration=share)["suggestion"].eq("good").all()  # off
+    q8 = class_quality(labels[:240], 8, np.full(8, 15.0), concentration=share[:8], max_concentration_z=3.0)
+    assert q8["suggestion"].eq("good").all()  # views alone: no outlier
 
 
 def test_relion30_flavour_and_working_box_averages(run, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from clcluster.image.imageops import rotate
 from clcluster.core.metrics import hungarian_accuracy
 from clcluster.em.align import PolarCache, PolarGrid, PolarScanner, align_all, polar_references
-from clcluster.em.ml2d import ML2D, classify, image_data, ml2d, polish
+from clcluster.em.ml2d import ML2D, SparseSchedule, classify, image_data, ml2d, polish
 from conftest import binned_easy_set
 
 
@@ -154,6 +154,35 @@ def test_truncated_e_step_matches_the_full_one_and_never_lowers_its_bound(easy):
     assert np.all(post[outside] == 0)
     with pytest.raises(ValueError, match="candidates"):
         ml2d(img, 4, candidates=cand + 4, **kw)
+
+
+def test_sparse_schedule_compares_few_classes_between_full_e_steps_and_ends_with_a_full_one(easy, monkeypatch):
+    """A `SparseSchedule` (2 of 4 classes, every 3rd E-step full) from a warm start: the E-steps
+    between full ones list each image's 2 most probable classes, the last E-step is a full one
+    (its posteriors are those `classify` gives with the fitted model), and the views are found
+    as without it."""
+    img, truth, _ = easy
+    sched = SparseSchedule(classes=2, full_every=3)
+    assert sched.applies(4) and not sched.applies(3) and not SparseSchedule(0, 3).applies(8)
+    prob = np.array([[0.1, 0.5, 0.3, 0.1], [0.6, 0.0, 0.1, 0.3]])
+    assert [sorted(r) for r in sched.candidates(prob, "cpu").tolist()] == [[1, 2], [0, 3]]
+    seen = []
+    e_step = ML2D.e_step
+    monkeypatch.setattr(ML2D, "e_step", lambda self, data: seen.append(data.candidates) or e_step(self, data))
+    warm = ml2d(img, 4, n_rotations=36, max_shift=2, n_starts=1, seed=0, max_iter=6).references  # as the refinement hands over
+    kw = dict(n_rotations=36, max_shift=2, init_references=warm, max_iter=6, tol=-1.0)
+    seen.clear()
+    res = ml2d(img, 4, sparse=sched, **kw)
+    widths = [None if c is None else c.shape[1] for c in seen]
+    assert widths == [None, 2, 2, None, 2, 2, None], widths  # 6 M-steps, the 7th E-step a full one
+    assert hungarian_accuracy(truth, res.labels) >= 0.9
+    assert np.mean(res.labels == ml2d(img, 4, **kw).labels) >= 0.98  # as the full E-steps find
+    assert np.all(res.class_probability > 0)  # every class compared in the last E-step
+    lab, p = classify(img, res)[:2]
+    assert np.array_equal(lab, res.labels) and np.allclose(p, res.class_probability.max(1), atol=1e-4)
+    seen.clear()
+    ml2d(img, 4, sparse=sched, **dict(kw, max_iter=4))  # stopping after a sparse E-step adds a full one
+    assert [None if c is None else c.shape[1] for c in seen] == [None, 2, 2, None, 2, None]
 
 
 def test_balanced_prior_counteracts_growth_within_its_bound():

@@ -419,17 +419,16 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 # cent in how well their members match (more or less structure), which is no sign of junk
 MIN_CLASSES_FOR_COHERENCE = 5
 MIN_RELATIVE_SPREAD = 0.05
+# energy_concentration: the share of a class average's contrast energy in its most extreme 5 % of pixels
+CONCENTRATION_TOP = 0.05
 
 
-def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Robust z-score (K,) of each class's mean particle-to-average NCC against the other classes:
-    (mean_ncc - median) / spread over the non-empty classes, spread = 1.4826 MAD but at least
-    MIN_RELATIVE_SPREAD x |median| (NaN for empty classes, and for all when fewer than
-    MIN_CLASSES_FOR_COHERENCE classes have members). A class far below the
-    others holds particles that do not resemble their own average: junk gathered in a catch-all
-    class (empty ice, carbon edges, blobs), which a half-set FRC ranks high because both halves
-    are aligned to the same average."""
-    m = np.asarray(mean_ncc, dtype=np.float64)
+def robust_z(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Robust z-score (K,) of a per-class figure against the other classes: (value - median) /
+    spread over the non-empty classes with a finite value, spread = 1.4826 MAD but at least
+    MIN_RELATIVE_SPREAD x |median| (classes of different views differ by a few per cent); NaN
+    for empty classes, and for all when fewer than MIN_CLASSES_FOR_COHERENCE classes count."""
+    m = np.asarray(values, dtype=np.float64)
     ok = (np.asarray(counts) > 0) & np.isfinite(m)
     z = np.full(len(m), np.nan)
     if ok.sum() < MIN_CLASSES_FOR_COHERENCE:
@@ -440,9 +439,33 @@ def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return z
 
 
+def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """`robust_z` (K,) of each class's mean particle-to-average NCC. A class far below the
+    others holds particles that do not resemble their own average: junk gathered in a catch-all
+    class (empty ice, carbon edges, blobs), which a half-set FRC ranks high because both halves
+    are aligned to the same average."""
+    return robust_z(mean_ncc, counts)
+
+
+def energy_concentration(averages: np.ndarray, radius_px: float, top_fraction: float = CONCENTRATION_TOP) -> np.ndarray:
+    """Share (K,) of each class average's contrast energy inside a disc of radius_px pixels about
+    the centre (pixels minus their mean inside the disc, squared) carried by its `top_fraction`
+    most extreme pixels, for averages (K, D, D). A view of a macromolecule spreads its contrast
+    over the particle; a class of ice blobs, gold beads or hot spots puts it into a compact
+    spot, and its share stands far above the other classes'."""
+    box = averages.shape[-1]
+    yy, xx = np.mgrid[:box, :box] - box // 2
+    inside = np.hypot(yy, xx) < radius_px
+    v = np.asarray(averages, dtype=np.float64)[:, inside]
+    e = np.sort((v - v.mean(1, keepdims=True)) ** 2, axis=1)[:, ::-1]
+    top = max(1, int(round(top_fraction * e.shape[1])))
+    return e[:, :top].sum(1) / np.maximum(e.sum(1), 1e-300)
+
+
 def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance=None, margin=None, score=None,
                   junk_resolution_A: float = 0.0, min_class_fraction: float = 0.01, select=None,
-                  min_coherence_z: float | None = None) -> pd.DataFrame:
+                  min_coherence_z: float | None = None, concentration=None,
+                  max_concentration_z: float | None = None) -> pd.DataFrame:
     """One row per class (1-based `class`): size, fraction, resolution (Å), mean particle-to-
     centroid distance and margin, mean NCC with the average; `rank` (1 = best: finest
     resolution, then largest), automatic `suggestion` (junk when smaller than
@@ -450,7 +473,10 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     else good) and
     `selected` (the user's list `select` when given, else the suggestion; never empty: the best
     ranked class is kept when nothing else is). `coherence_z`: `coherence_z` of the mean NCC; with
-    `min_coherence_z` (a number, e.g. -3) classes below it are also suggested as junk."""
+    `min_coherence_z` (a number, e.g. -3) classes below it are also suggested as junk.
+    `concentration_z`: `robust_z` of the averages' `energy_concentration` (K,) where given; with
+    `max_concentration_z` (e.g. 3) classes above it (a compact spot: ice, beads) are suggested as
+    junk too."""
     labels = np.asarray(labels)
     n = max(len(labels), 1)
     counts = np.bincount(labels, minlength=k)
@@ -478,6 +504,10 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
         junk |= q["resolution_A"].fillna(np.inf) > junk_resolution_A
     if min_coherence_z is not None:
         junk |= q["coherence_z"].fillna(np.inf).to_numpy() < min_coherence_z
+    if concentration is not None:
+        q["concentration_z"] = robust_z(concentration, counts)
+        if max_concentration_z is not None:
+            junk |= q["concentration_z"].fillna(-np.inf).to_numpy() > max_concentration_z
     q["suggestion"] = np.where(junk, "junk", "good")
     if select:
         bad = [c for c in select if not 1 <= int(c) <= k]
@@ -489,7 +519,7 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     if not q["selected"].any() and counts.any():
         best = int(order[0])
         log.warning("no class passes the automatic selection (fraction >= %g, resolution <= %g Å where > 0, coherence "
-                    "z >= %s); keeping the best-ranked class %d only", min_class_fraction, junk_resolution_A,
-                    min_coherence_z, best + 1)
+                    "z >= %s, concentration z <= %s); keeping the best-ranked class %d only", min_class_fraction,
+                    junk_resolution_A, min_coherence_z, max_concentration_z, best + 1)
         q.loc[best, "selected"] = True
     return q

@@ -38,7 +38,7 @@ from clcluster.em import estep
 from clcluster.em.align import CONVERGED_FRACTION, PolarScanner, to_reference_frame
 from clcluster.core.rng import POLISH
 
-__all__ = ["ML2D", "ML2DResult", "balanced_prior", "classify", "log_evidence", "ml2d", "polish"]
+__all__ = ["ML2D", "ML2DResult", "SparseSchedule", "balanced_prior", "classify", "log_evidence", "ml2d", "polish"]
 
 # Balanced class priors: how far (a factor either way) a class's prior may move from 1/K.
 BALANCE_MAX_RATIO = 4.0
@@ -157,6 +157,27 @@ def balanced_prior(alpha: np.ndarray, nk: np.ndarray, n: float) -> np.ndarray:
     return a / a.sum()
 
 
+@dataclasses.dataclass(frozen=True)
+class SparseSchedule:
+    """A truncated E-step schedule for many classes (Neal & Hinton 1998, as cryoSPARC skips
+    classes of negligible posterior): every `full_every`-th E-step compares each image with all K
+    classes; the E-steps between compare it only with the `classes` most probable for it in the
+    last full one (cost N x classes instead of N x K). EM with fixed candidate sets never
+    decreases its bound; the full E-steps let a particle move to any class. Used only where
+    classes <= K / 2 (at fewer classes it saves little)."""
+
+    classes: int = 8
+    full_every: int = 4
+
+    def applies(self, k: int) -> bool:
+        return self.classes > 0 and self.full_every > 1 and 2 * self.classes <= k
+
+    def candidates(self, class_probability: np.ndarray, device) -> torch.Tensor:
+        """Each image's `classes` most probable classes (n, classes) of class posteriors (n, K)."""
+        top = np.argpartition(-class_probability, self.classes - 1, axis=1)[:, :self.classes]
+        return torch.as_tensor(top.astype(np.int64), device=device)
+
+
 class ML2D:
     """The ML2D model (see the module docstring) on a polar scanner: references q (M, K, Nr)
     as angular spectra, class priors alpha (K,), noise variance sigma2 (image units^2) and the
@@ -165,8 +186,9 @@ class ML2D:
     growing class does not attract ever more particles."""
 
     def __init__(self, scan: PolarScanner, k: int, shift_prior: str = "gaussian", max_shift: float = 3,
-                 balance: bool = False):
+                 balance: bool = False, sparse: SparseSchedule | None = None):
         self.scan, self.k, self.shift_prior, self.max_shift, self.balance = scan, k, shift_prior, max_shift, balance
+        self.sparse = sparse if sparse is not None and sparse.applies(k) else None
         self.q = self.alpha = self.sigma2 = self.tau = None
 
     def start(self, references: np.ndarray, sigma2: float) -> ML2D:
@@ -226,20 +248,28 @@ class ML2D:
     def fit(self, data: ImageData, max_iter: int, tol: float, verbose: bool = False, start: int = 0):
         """EM until max_iter M-steps or convergence: a relative log-likelihood change <= tol, or
         with balanced priors fewer than CONVERGED_FRACTION of the labels changed (the classes
-        keep reorganising long after the log-likelihood moves by less than 1e-5). Returns
-        (log-likelihood per E-step, M-steps done, the last E-step)."""
-        history, it, labels = [], 0, None
+        keep reorganising long after the log-likelihood moves by less than 1e-5). With a
+        `SparseSchedule`, the E-steps between full ones compare each image only with its most
+        probable classes of the last full E-step, and the last E-step is always a full one.
+        Returns (log-likelihood per E-step, M-steps done, the last E-step)."""
+        history, it, labels, near = [], 0, None, None
         while True:
-            st = self.e_step(data)
+            full = near is None or self.sparse is None or it % self.sparse.full_every == 0
+            st = self.e_step(data if full else dataclasses.replace(data, candidates=near))
+            if full and self.sparse is not None and data.candidates is None:
+                near = self.sparse.candidates(st.class_probability, self.q.device)
             history.append(st.log_likelihood)
             if verbose:
                 print(f"ml2d start {start} it {it} LL {history[-1]:.6e} sigma {math.sqrt(self.sigma2):.4f} "
-                      f"tau {self.tau:.3f}")
+                      f"tau {self.tau:.3f}{'' if full else ' (sparse)'}")
             if self.balance:
                 converged = labels is not None and float((st.labels != labels).mean()) < CONVERGED_FRACTION
             else:
                 converged = len(history) > 1 and abs(history[-1] - history[-2]) <= tol * abs(history[-1])
             if it >= max_iter or converged:
+                if not full:  # the same model's full E-step: exact posteriors and log-likelihood
+                    st = self.e_step(data)
+                    history[-1] = st.log_likelihood
                 return history, it, st
             labels = st.labels
             self.m_step(st, data)
@@ -276,7 +306,7 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
          tol: float = 1e-5, seed: int = 0, device="cpu", batch_size: int | None = None,
          shift_prior: str = "gaussian", r_max: float | None = None, n_radii: int | None = None,
          init_references=None, cache_bytes: float = 1.5e9, candidates=None, verbose: bool = False,
-         balance: bool = False) -> ML2DResult:
+         balance: bool = False, sparse: SparseSchedule | None = None) -> ML2DResult:
     """ML2D classification of images (n, D, D) into k classes (the `ML2D` model, fitted from
     one or more starts).
 
@@ -293,7 +323,8 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
     Hinton 1998: cost N x c instead of N x K; the log-likelihood reported is then the bound
     over the candidates, which EM with fixed candidate sets never decreases). balance: balanced
     class priors (`balanced_prior`; the log-likelihood may then fall between iterations, and a
-    start stops when fewer than 0.2 % of the labels change instead of by tol)."""
+    start stops when fewer than 0.2 % of the labels change instead of by tol). sparse: a
+    `SparseSchedule` of truncated E-steps between full ones (ignored with candidates)."""
     if shift_prior not in ("gaussian", "uniform"):
         raise ValueError(f"shift_prior must be 'gaussian' or 'uniform', not {shift_prior!r}")
     dev = torch.device(device)
@@ -314,7 +345,7 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
         else:
             perm = rng.permutation(n)
             ref0 = np.stack([images[perm[j::k]].mean(0) for j in range(k)]).astype(np.float32)
-        model = ML2D(scan, k, shift_prior, max_shift, balance).start(ref0, float(data.xx.mean() / data.npix))
+        model = ML2D(scan, k, shift_prior, max_shift, balance, sparse).start(ref0, float(data.xx.mean() / data.npix))
         history, it, last = model.fit(data, max_iter, tol, verbose, st)
         all_ll.append(history[-1])
         if best is None or history[-1] > best[0]:
@@ -324,13 +355,14 @@ def ml2d(images, k: int, *, n_rotations: int = 64, max_shift: float = 3, n_start
 
 def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarray, k: int, *, max_iter: int = 20,
            n_rotations: int = 64, max_shift: float = 3, seed: int = 0, device="cpu", batch: int = 512,
-           cache_bytes: float = 1.5e9, candidates=None, balance: bool = False) -> ML2DResult:
+           cache_bytes: float = 1.5e9, candidates=None, balance: bool = False,
+           sparse: SparseSchedule | None = None) -> ML2DResult:
     """ML2D started from a classification instead of random references: each class's starting
     reference is the average of its members (n, D, D) brought into the class frame by their
     poses (angle_deg (n,) degrees, shift_px (n, 2) px, `align` convention); an empty class starts
     from the average of a random 1/k of the images. Then at most max_iter EM iterations of the
     Gaussian-likelihood model (class, rotation and shift marginalised, noise sigma fitted);
-    cache_bytes, candidates (n, c) and balance as for `ml2d`."""
+    cache_bytes, candidates (n, c), balance and sparse as for `ml2d`."""
     images = np.asarray(images[:], dtype=np.float32)  # also reads a memory-mapped ShardSet / RowView
     n, box = len(labels), images.shape[-1]
     sums = np.zeros((k, box, box))
@@ -344,7 +376,7 @@ def polish(images, labels: np.ndarray, angle_deg: np.ndarray, shift_px: np.ndarr
         counts[j] = 1
     refs = (sums / counts[:, None, None]).astype(np.float32)
     return ml2d(images, k, init_references=refs, max_iter=max_iter, n_rotations=n_rotations, max_shift=max_shift,
-                seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates, balance=balance)
+                seed=seed, device=device, cache_bytes=cache_bytes, candidates=candidates, balance=balance, sparse=sparse)
 
 
 def classify(images, result: ML2DResult, device="cpu", batch_size: int | None = None, candidates=None):

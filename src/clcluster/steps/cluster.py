@@ -31,7 +31,7 @@ from clcluster.em.align import (
     split_merge,
 )
 from clcluster.em.merge import aligned_similarity, group_references, merged_references
-from clcluster.em.ml2d import ML2DResult, classify, ml2d, polish
+from clcluster.em.ml2d import ML2DResult, SparseSchedule, classify, ml2d, polish
 from clcluster.em.restarts import best_restart, random_partition
 from clcluster.image.pickscore import pick_contrast
 from clcluster.learn.data import RowView, random_rows
@@ -66,6 +66,8 @@ class ClusterConfig:
     refine_ml_iterations: int = 60
     refine_ml_wide: int = 0  # schedule: 0 = ML2D stage over all K classes (exact E-step); > 0 = truncated E-step
     refine_ml_budget: int = 1200
+    refine_ml_sparse_classes: int = 8  # schedule: classes a truncated ML2D E-step compares (0 = every E-step over all K)
+    refine_ml_full_every: int = 8  # schedule: every N-th ML2D E-step compares all K classes
     refine_balance: bool = True
     refine_oversplit: int = 2
     refine_noise_screen: float = 0.05
@@ -208,7 +210,8 @@ def likelihood_polish(images, a: Alignment, k: int, cfg: ClusterConfig, seed: in
     candidates (n, c): the classes each particle is compared with (None: all K). Where
     `oversplit_classes` allows, from the over-split start instead (`oversplit_start`)."""
     ml_args = dict(n_rotations=cfg.refine_angles, max_shift=cfg.refine_ml_max_shift_px, seed=seed, device=device,
-                   cache_bytes=cfg.cache_mb * 1e6, balance=cfg.refine_balance)
+                   cache_bytes=cfg.cache_mb * 1e6, balance=cfg.refine_balance,
+                   sparse=SparseSchedule(cfg.refine_ml_sparse_classes, cfg.refine_ml_full_every))
     k2 = oversplit_classes(len(a.labels), k, cfg) if candidates is None else k
     if k2 > k:
         images = np.asarray(images[:], dtype=np.float32)  # read once (a RowView or memory map) for both fits

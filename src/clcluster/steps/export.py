@@ -29,6 +29,7 @@ from clcluster.core.rng import CRYOSPARC_UID_SEED
 from clcluster.em.averages import (
     aligned_means,
     class_quality,
+    energy_concentration,
     half_set_resolution,
     refine_class_poses,
     relion_pose,
@@ -37,7 +38,7 @@ from clcluster.em.averages import (
     wiener_class_averages,
 )
 from clcluster.em.poses import refine_array, refine_original
-from clcluster.image.pickscore import PickContrast, pick_contrast
+from clcluster.image.pickscore import DEFAULT_RADIUS_FRACTION, PickContrast, pick_contrast
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import StackError, write_stack
 from clcluster.io.star import ParticleTable, write_star
@@ -73,6 +74,7 @@ class ExportConfig:
     min_class_fraction: float = 0.01
     min_stability: float = 0.0
     min_coherence_z: float = -3.0
+    max_concentration_z: float = 3.0
     rescue_quantile: float = 0.05
     pick_max_good_loss: float = 0.05
     select: list = dataclasses.field(default_factory=list)
@@ -375,13 +377,18 @@ class Quality:
     picks: PickContrast | None = None  # per-pick contrast and noise-like flags (`screen_picks`)
 
 
-def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig) -> Quality:
-    """Half-set FRC resolution, per-class quality, ranking and selection."""
+def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
+                   particle_radius_A: float | None = None) -> Quality:
+    """Half-set FRC resolution, per-class quality, ranking and selection; the averages' energy
+    concentration inside the particle radius (Å; None: DEFAULT_RADIUS_FRACTION x box)."""
     counts = np.bincount(labels, minlength=k)
     res_A, curves = half_set_resolution(averages.halves, averages.apix, cfg.frc_threshold)
     res_A = np.where(counts >= 2, res_A, np.nan)
+    box = averages.full.shape[-1]
+    radius_px = particle_radius_A / averages.apix if particle_radius_A else DEFAULT_RADIUS_FRACTION * box
     q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
-                      cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select, cfg.min_coherence_z)
+                      cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select, cfg.min_coherence_z,
+                      energy_concentration(averages.full, radius_px), cfg.max_concentration_z)
     q = add_stability(q, assignments.get("stability"), cfg.min_stability, bool(cfg.select))
     return Quality(q, res_A, curves, np.argsort(q["rank"].to_numpy()))
 
@@ -417,8 +424,10 @@ def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, se
 
 def select_particles(images, labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
                      work_apix: float, device: str, seed: int, particle_radius_px: float | None = None) -> Quality:
-    """The automatic selection (or the user's list): `assess_quality` -> `rescue` -> `screen_picks`."""
-    quality = assess_quality(labels, k, averages, poses, assignments, cfg)
+    """The automatic selection (or the user's list): `assess_quality` -> `rescue` -> `screen_picks`;
+    particle_radius_px: at the working pixel size work_apix (Å/px)."""
+    radius_A = particle_radius_px * work_apix if particle_radius_px else None
+    quality = assess_quality(labels, k, averages, poses, assignments, cfg, radius_A)
     quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
     return screen_picks(images, labels, k, quality, cfg, seed, particle_radius_px)
 
@@ -557,7 +566,8 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
     summary = {
         "particles": n, "classes": k, "class_sizes": counts.tolist(), "selected_classes": selected_classes.tolist(),
         "selected_particles": int(len(sel_rows)), "rescued_particles": quality.rescued, "selection": "user list export.select" if cfg.select else
-        f"automatic: fraction >= {cfg.min_class_fraction}, coherence z >= {cfg.min_coherence_z}"
+        f"automatic: fraction >= {cfg.min_class_fraction}, coherence z >= {cfg.min_coherence_z}, "
+        f"concentration z <= {cfg.max_concentration_z}"
         + (f", resolution <= {cfg.junk_resolution_A} Å" if cfg.junk_resolution_A > 0 else "")
         + (f", seed stability >= {cfg.min_stability}" if cfg.min_stability > 0 and "stability" in q else "")
         + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}"
