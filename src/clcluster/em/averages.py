@@ -419,14 +419,18 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 # cent in how well their members match (more or less structure), which is no sign of junk
 MIN_CLASSES_FOR_COHERENCE = 5
 MIN_RELATIVE_SPREAD = 0.05
-# energy_concentration: the share of a class average's contrast energy in its most extreme 5 % of pixels
+# energy_concentration: the share of a class average's contrast energy in its most extreme 5 % of
+# pixels, and the least spread of its robust z (a fraction of the median class's share): the views
+# of one map differ by a third (0.26-0.41 over the 20 classes of a perfect partition of the ribosome,
+# where white noise gives 0.28), so only a class far beyond that is an outlier
 CONCENTRATION_TOP = 0.05
+CONCENTRATION_MIN_RELATIVE_SPREAD = 0.2
 
 
-def robust_z(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def robust_z(values: np.ndarray, counts: np.ndarray, min_relative_spread: float = MIN_RELATIVE_SPREAD) -> np.ndarray:
     """Robust z-score (K,) of a per-class figure against the other classes: (value - median) /
     spread over the non-empty classes with a finite value, spread = 1.4826 MAD but at least
-    MIN_RELATIVE_SPREAD x |median| (classes of different views differ by a few per cent); NaN
+    min_relative_spread x |median| (classes of different views differ by that much anyway); NaN
     for empty classes, and for all when fewer than MIN_CLASSES_FOR_COHERENCE classes count."""
     m = np.asarray(values, dtype=np.float64)
     ok = (np.asarray(counts) > 0) & np.isfinite(m)
@@ -434,7 +438,7 @@ def robust_z(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     if ok.sum() < MIN_CLASSES_FOR_COHERENCE:
         return z
     med = np.median(m[ok])
-    spread = max(1.4826 * np.median(np.abs(m[ok] - med)), MIN_RELATIVE_SPREAD * abs(med), 1e-12)
+    spread = max(1.4826 * np.median(np.abs(m[ok] - med)), min_relative_spread * abs(med), 1e-12)
     z[ok] = (m[ok] - med) / spread
     return z
 
@@ -474,7 +478,8 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     `selected` (the user's list `select` when given, else the suggestion; never empty: the best
     ranked class is kept when nothing else is). `coherence_z`: `coherence_z` of the mean NCC; with
     `min_coherence_z` (a number, e.g. -3) classes below it are also suggested as junk.
-    `concentration_z`: `robust_z` of the averages' `energy_concentration` (K,) where given; with
+    `concentration_z`: `robust_z` of the averages' `energy_concentration` (K,) where given (spread
+    at least CONCENTRATION_MIN_RELATIVE_SPREAD of the median); with
     `max_concentration_z` (e.g. 3) classes above it (a compact spot: ice, beads) are suggested as
     junk too."""
     labels = np.asarray(labels)
@@ -505,7 +510,7 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     if min_coherence_z is not None:
         junk |= q["coherence_z"].fillna(np.inf).to_numpy() < min_coherence_z
     if concentration is not None:
-        q["concentration_z"] = robust_z(concentration, counts)
+        q["concentration_z"] = robust_z(concentration, counts, CONCENTRATION_MIN_RELATIVE_SPREAD)
         if max_concentration_z is not None:
             junk |= q["concentration_z"].fillna(-np.inf).to_numpy() > max_concentration_z
     q["suggestion"] = np.where(junk, "junk", "good")
