@@ -167,7 +167,7 @@ class SparseSchedule:
     classes <= K / 2 (at fewer classes it saves little)."""
 
     classes: int = 8
-    full_every: int = 4
+    full_every: int = 8
 
     def applies(self, k: int) -> bool:
         return self.classes > 0 and self.full_every > 1 and 2 * self.classes <= k
