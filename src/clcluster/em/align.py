@@ -310,8 +310,7 @@ def soft_em(cache: PolarCache, labels0: np.ndarray, k: int, candidates: np.ndarr
 def reference_similarity(refs: torch.Tensor) -> torch.Tensor:
     """NCC (K, K) between polar references (K, R, A) at their best relative rotation."""
     f = torch.fft.rfft(unit(refs), dim=-1)
-    corr = torch.fft.irfft(torch.einsum("irf,jrf->ijf", f, f.conj()), n=refs.shape[-1], dim=-1)
-    return corr.max(dim=-1).values
+    return rotational_correlation(f[:, None], f, refs.shape[-1], per_particle=False)[:, 0].max(dim=-1).values
 
 
 def similar_classes(refs: torch.Tensor, wide: int) -> np.ndarray:

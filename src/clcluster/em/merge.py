@@ -17,7 +17,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from clcluster.em.align import PolarGrid, polar_transform, unit
+from clcluster.em.align import PolarGrid, polar_transform, rotational_correlation, unit
 from clcluster.image.imageops import rotate
 
 __all__ = ["aligned_similarity", "group_references", "merged_references"]
@@ -33,7 +33,7 @@ def aligned_similarity(references: np.ndarray, n_angles: int = 64, max_shift: in
     polar = unit(polar_transform(torch.as_tensor(np.asarray(references, dtype=np.float32)), pg))  # (k, S, R, A)
     centre = int(np.argmin(np.abs(pg.offsets).sum(1)))
     f = torch.fft.rfft(polar, dim=-1)
-    corr = torch.fft.irfft(torch.einsum("isrf,jrf->ijsf", f, f[:, centre].conj()), n=n_angles, dim=-1)  # (k, k, S, A)
+    corr = rotational_correlation(f, f[:, centre], n_angles, per_particle=False).transpose(1, 2)  # (k, k, S, A)
     corr = corr.flatten(2)
     best, where = corr.max(dim=-1)
     steps = where.numpy() % n_angles
