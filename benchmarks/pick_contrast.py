@@ -54,7 +54,7 @@ def fit_without_noise_like(images, kind: np.ndarray, dirs: np.ndarray, seeds, k:
     noise-like ones (`export.pick_max_good_loss` 0.05), every pick labelled by the fitted model."""
     good = kind == PARTICLE
     coherence = coherence_references(dirs[good], k, 0)
-    fit_rows = np.flatnonzero(~pick_contrast(images, 0.375 * images.shape[-1], 0.05).noise_like)
+    fit_rows = np.flatnonzero(~pick_contrast(images, None, 0.05).noise_like)
     for seed in seeds:
         for name, rows in (("all picks", np.arange(len(images))), ("the picks that are not noise-like", fit_rows)):
             result = ml2d(images[rows], k, max_iter=40, n_rotations=64, max_shift=3, seed=seed, balance=True)
@@ -66,8 +66,7 @@ def fit_without_noise_like(images, kind: np.ndarray, dirs: np.ndarray, seeds, k:
 def report(images, kind: np.ndarray) -> None:
     good = kind == PARTICLE
     kinds = sorted(set(kind) - {PARTICLE})
-    box = images.shape[-1]
-    base = pick_contrast(images, 0.375 * box, LOSSES[0])
+    base = pick_contrast(images, None, LOSSES[0])
     aucs = [roc_auc_score(good, base.scores)] + [
         roc_auc_score(np.r_[np.ones(good.sum()), np.zeros((kind == k).sum())], np.r_[base.scores[good], base.scores[kind == k]])
         for k in kinds]
@@ -75,7 +74,7 @@ def report(images, kind: np.ndarray) -> None:
     print(f"  estimated noise-like fraction {base.noise_fraction:.2f} (empty picks {np.mean(kind == 'empty'):.2f})")
     print("  | max_good_loss | good kept | junk removed | " + " | ".join(kinds) + " |")
     for loss in LOSSES:
-        pc = pick_contrast(images, 0.375 * box, loss)
+        pc = pick_contrast(images, None, loss)
         flag = pc.noise_like
         print(f"  | {loss} | {1 - flag[good].mean():.3f} | {flag[~good].mean():.3f} | "
               + " | ".join(f"{flag[kind == k].mean():.2f}" for k in kinds) + " |")

@@ -25,7 +25,8 @@ import torch
 
 from clcluster.em.align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
 from clcluster.image.ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
-from clcluster.image.imageops import circular_mask, fourier_shift, normalise_background, radial_shells
+from clcluster.image.imageops import (BACKGROUND_RADIUS_FRACTION, circular_mask, fourier_shift, normalise_background,
+                                      radial_shells)
 from clcluster.io.mrc import read_images
 from clcluster.core.rng import HALF_SETS_OFFSET
 
@@ -338,7 +339,7 @@ def wiener_class_averages(table, labels: np.ndarray, k: int, angle_deg, shift_px
         if num is None:
             num = np.zeros((2 * k, box, box // 2 + 1), np.complex128)
             den = np.zeros((2 * k, box, box // 2 + 1), np.float64)
-        x = normalise_background(x, 0.375 * box)
+        x = normalise_background(x, BACKGROUND_RADIUS_FRACTION * box)
         a = np.asarray(angle_deg, dtype=np.float64)[rows]
         x, c2 = _ctf_weighted(x, None if params is None else params.subset(rows), states[rows], a, apix)
         f = np.fft.rfft2(to_reference_frame(x, a, np.asarray(shift_px, dtype=np.float64)[rows]))

@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from clcluster.image.imageops import rotate
+from clcluster.image.imageops import BACKGROUND_RADIUS_FRACTION, rotate
 
 
 @dataclasses.dataclass
@@ -171,7 +171,7 @@ def refine_original(table, labels, averages, angle_deg, shift_px, *, angle_range
         rows = np.arange(s, min(n, s + batch_size))
         x = read_images([paths[i] for i in rows], idx[rows], None, whole[rows])
         box = x.shape[-1]
-        x, info = _phase_correct(normalise_background(x, 0.375 * box).astype(np.float32), table, rows, params,
+        x, info = _phase_correct(normalise_background(x, BACKGROUND_RADIUS_FRACTION * box).astype(np.float32), table, rows, params,
                                  states, apix)
         w = _weights(info, np.asarray(angle_deg)[rows], box, apix)
         parts.append(refine_batch(x, labels[rows], averages, np.asarray(angle_deg)[rows],

@@ -11,6 +11,9 @@ import numpy as np
 from clcluster.core.backend import asnumpy, get_array_module
 from clcluster.image.polar import linear_radii, polar_coordinates
 
+# RELION's default background (particle) radius, as a fraction of the box
+BACKGROUND_RADIUS_FRACTION = 0.375
+
 
 def centred_grid(box: int, xp=np):
     """(y, x) pixel coordinates relative to the centre pixel box//2, each (box, box)."""

@@ -33,7 +33,7 @@ import logging
 
 import numpy as np
 
-from clcluster.image.imageops import circular_mask, radial_shells
+from clcluster.image.imageops import BACKGROUND_RADIUS_FRACTION, circular_mask, radial_shells
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ NULL_TAIL_QUANTILE = 0.2  # Storey's lambda: the null quantile below which picks
 NULL_MAX_QUANTILE = 0.99  # never cut above this quantile of the noise-only scores
 MIN_NOISE_SHARE = 0.5  # the picks cut must be estimated noise-like for at least this share
 MIN_PICKS = 50  # fewer picks: no screen (the band and pi0 need a stack)
-DEFAULT_RADIUS_FRACTION = 0.375  # of the box, where no particle radius is given (RELION's background radius)
 
 
 @dataclasses.dataclass
@@ -120,9 +119,9 @@ def noise_cut(scores: np.ndarray, null: np.ndarray, max_good_loss: float) -> tup
 
 def pick_contrast(images, radius_px: float | None, max_good_loss: float, seed: int = 0, batch: int = 1024) -> PickContrast:
     """Score every pick of `images` (n, D, D) array-like and flag the noise-like ones (module
-    docstring); radius_px: the particle radius (None or <= 0: DEFAULT_RADIUS_FRACTION x box)."""
+    docstring); radius_px: the particle radius (None or <= 0: BACKGROUND_RADIUS_FRACTION x box)."""
     box = images.shape[-1]
-    radius_px = radius_px if radius_px and radius_px > 0 else DEFAULT_RADIUS_FRACTION * box
+    radius_px = radius_px if radius_px and radius_px > 0 else BACKGROUND_RADIUS_FRACTION * box
     inner, outer = shell_powers(images, radius_px, batch)
     weights = band_weights(inner, outer)
     scores = contrast_scores(inner, outer, weights)

@@ -38,7 +38,8 @@ from clcluster.em.averages import (
     wiener_class_averages,
 )
 from clcluster.em.poses import refine_array, refine_original
-from clcluster.image.pickscore import DEFAULT_RADIUS_FRACTION, PickContrast, pick_contrast
+from clcluster.image.imageops import BACKGROUND_RADIUS_FRACTION
+from clcluster.image.pickscore import PickContrast, pick_contrast
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import StackError, write_stack
 from clcluster.io.star import ParticleTable, write_star
@@ -380,12 +381,12 @@ class Quality:
 def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
                    particle_radius_A: float | None = None) -> Quality:
     """Half-set FRC resolution, per-class quality, ranking and selection; the averages' energy
-    concentration inside the particle radius (Å; None: DEFAULT_RADIUS_FRACTION x box)."""
+    concentration inside the particle radius (Å; None: BACKGROUND_RADIUS_FRACTION x box)."""
     counts = np.bincount(labels, minlength=k)
     res_A, curves = half_set_resolution(averages.halves, averages.apix, cfg.frc_threshold)
     res_A = np.where(counts >= 2, res_A, np.nan)
     box = averages.full.shape[-1]
-    radius_px = particle_radius_A / averages.apix if particle_radius_A else DEFAULT_RADIUS_FRACTION * box
+    radius_px = particle_radius_A / averages.apix if particle_radius_A else BACKGROUND_RADIUS_FRACTION * box
     q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
                       cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select, cfg.min_coherence_z,
                       energy_concentration(averages.full, radius_px), cfg.max_concentration_z)

@@ -31,6 +31,7 @@ from clcluster.image.ctf import (
     state_counts,
 )
 from clcluster.image.imageops import (
+    BACKGROUND_RADIUS_FRACTION,
     circular_mask,
     fourier_crop_filtered,
     fourier_filter,
@@ -71,7 +72,7 @@ class PreprocessConfig:
             if apix is None:
                 raise ValueError("preprocess.bg_radius_A needs the working pixel size")
             return self.bg_radius_A / apix
-        return self.bg_radius_px if self.bg_radius_px > 0 else 0.375 * self.box
+        return self.bg_radius_px if self.bg_radius_px > 0 else BACKGROUND_RADIUS_FRACTION * self.box
 
 
 def preprocess_batch(images, ctf: CTFParams | None, apix: float, cfg: PreprocessConfig, mask: bool = True,
