@@ -352,3 +352,16 @@ def test_pick_contrast_is_written_and_noise_like_picks_leave_the_selection(run):
     if threshold is not None:
         assert abs(summary["noise_like_picks"] - int((contrast < threshold).sum())) <= 1
     assert summary["noise_like_picks"] <= 0.1 * len(names)
+
+
+def test_surround_z_is_written_and_crowded_picks_leave_the_selection(run):
+    out, summary = run["out"], run["summary"]
+    d = starfile.read(out / "particles_classified.star", always_dict=True)["particles"]
+    z = d["rlnClclusterSurroundZ"].to_numpy()
+    assert np.isfinite(z).all() and len(z) == len(run["labels"])
+    assert abs(np.median(z)) < 0.05  # a robust z over the stack
+    names = d["rlnImageName"].astype(str).to_numpy()
+    sel = set(_image_names(out / "particles_selected.star")[0])
+    assert not sel & set(names[z > 2.5 + 1e-3])  # the default max_surround_z; the STAR holds rounded values
+    assert abs(summary["surround_picks"] - int((z > 2.5).sum())) <= 1
+    assert summary["surround_picks"] <= 0.05 * len(names)  # lone particles only: few outliers

@@ -425,6 +425,7 @@ MIN_RELATIVE_SPREAD = 0.05
 # of one map differ by a third (0.26-0.41 over the 20 classes of a perfect partition of the ribosome,
 # where white noise gives 0.28), so only a class far beyond that is an outlier
 CONCENTRATION_TOP = 0.05
+MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 CONCENTRATION_MIN_RELATIVE_SPREAD = 0.2
 
 
@@ -439,7 +440,7 @@ def robust_z(values: np.ndarray, counts: np.ndarray, min_relative_spread: float 
     if ok.sum() < MIN_CLASSES_FOR_COHERENCE:
         return z
     med = np.median(m[ok])
-    spread = max(1.4826 * np.median(np.abs(m[ok] - med)), min_relative_spread * abs(med), 1e-12)
+    spread = max(MAD_TO_SIGMA * np.median(np.abs(m[ok] - med)), min_relative_spread * abs(med), 1e-12)
     z[ok] = (m[ok] - med) / spread
     return z
 

@@ -9,7 +9,9 @@ Columns written per particle (existing columns of the same name are replaced):
   the second nearest; RELION 3.1+ keeps unknown labels with a warning), _rlnClclusterScore (NCC
   with the class average), _rlnClclusterClassProbability (the ML2D stage's posterior probability
   of the assigned class, summed over poses; written where that stage ran), _rlnClclusterPickContrast
-  (log ratio of particle-band power inside the particle radius to around it; `image.pickscore`).
+  (log ratio of particle-band power inside the particle radius to around it; `image.pickscore`),
+  _rlnClclusterSurroundZ (robust z of the band power around the particle that its class average does
+  not explain; `em.surround`).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from clcluster.em.averages import (
     wiener_class_averages,
 )
 from clcluster.em.poses import refine_array, refine_original
+from clcluster.em.surround import surround_power, surround_z
 from clcluster.image.imageops import BACKGROUND_RADIUS_FRACTION
 from clcluster.image.pickscore import PickContrast, pick_contrast
 from clcluster.io.atomic import atomic_path, write_text
@@ -78,6 +81,7 @@ class ExportConfig:
     max_concentration_z: float = 3.0
     rescue_quantile: float = 0.05
     pick_max_good_loss: float = 0.05
+    max_surround_z: float = 2.5
     select: list = dataclasses.field(default_factory=list)
     write_poses: bool = True
     clcluster_columns: bool = True
@@ -376,6 +380,7 @@ class Quality:
     kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued - noise-like)
     rescued: int = 0  # particles of junk-suggested classes kept (`rescue_particles`)
     picks: PickContrast | None = None  # per-pick contrast and noise-like flags (`screen_picks`)
+    surround_z: np.ndarray | None = None  # (n,) robust z of the unexplained power around each pick (`screen_surround`)
 
 
 def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
@@ -423,14 +428,37 @@ def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, se
     return dataclasses.replace(quality, table=table, kept=quality.kept & ~picks.noise_like, picks=picks)
 
 
+def screen_surround(images, labels, k: int, poses: Poses, quality: Quality, cfg: ExportConfig, work_apix: float,
+                    particle_radius_px: float | None = None) -> Quality:
+    """quality: as `screen_picks` returns it. Score every pick's particle-band power around the
+    particle that its class average does not explain (`em.surround`; working images, poses at
+    work_apix Å/px, disc of particle_radius_px, None: 0.375 x box); with the automatic selection,
+    picks above `cfg.max_surround_z` leave particles_selected. Adds each class's share of them to
+    the quality table (`surround_flagged`)."""
+    box = images.shape[-1]
+    radius_px = particle_radius_px if particle_radius_px else BACKGROUND_RADIUS_FRACTION * box
+    if quality.picks is None or not quality.picks.weights.any():
+        return quality
+    power = surround_power(images, labels, k, poses.angle_deg, poses.shift_at(work_apix), radius_px,
+                           quality.picks.weights, cfg.batch_size * 4)
+    z = surround_z(power)
+    flagged = np.zeros(len(z), dtype=bool) if cfg.select else z > cfg.max_surround_z
+    table = quality.table.copy()
+    table["surround_flagged"] = np.bincount(labels, weights=flagged, minlength=k) / np.maximum(np.bincount(labels, minlength=k), 1)
+    log.info("surround power: %d of %d picks above robust z %.2f (%d of them still selected)", int(flagged.sum()),
+             len(z), cfg.max_surround_z, int((flagged & quality.kept).sum()))
+    return dataclasses.replace(quality, table=table, kept=quality.kept & ~flagged, surround_z=z)
+
+
 def select_particles(images, labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
                      work_apix: float, device: str, seed: int, particle_radius_px: float | None = None) -> Quality:
-    """The automatic selection (or the user's list): `assess_quality` -> `rescue` -> `screen_picks`;
-    particle_radius_px: at the working pixel size work_apix (Å/px)."""
+    """The automatic selection (or the user's list): `assess_quality` -> `rescue` -> `screen_picks`
+    -> `screen_surround`; particle_radius_px: at the working pixel size work_apix (Å/px)."""
     radius_A = particle_radius_px * work_apix if particle_radius_px else None
     quality = assess_quality(labels, k, averages, poses, assignments, cfg, radius_A)
     quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
-    return screen_picks(images, labels, k, quality, cfg, seed, particle_radius_px)
+    quality = screen_picks(images, labels, k, quality, cfg, seed, particle_radius_px)
+    return screen_surround(images, labels, k, poses, quality, cfg, work_apix, particle_radius_px)
 
 
 def add_stability(q: pd.DataFrame, stability, min_stability: float = 0.0, user_select: bool = False) -> pd.DataFrame:
@@ -474,7 +502,7 @@ def write_averages(out_dir: Path, labels, k: int, averages: Averages, quality: Q
 
 
 def classified_table(table: ParticleTable, labels, poses: Poses, assignments: dict, cfg: ExportConfig,
-                     picks: PickContrast | None = None):
+                     picks: PickContrast | None = None, surround: np.ndarray | None = None):
     """The input table with class, pose (RELION convention, flavour's units) and clcluster
     columns added; also returns (psi [deg], origin [Å] (n, 2))."""
     psi, ox_A, oy_A = relion_pose(poses.angle_deg, poses.shift_px, poses.apix)
@@ -495,6 +523,8 @@ def classified_table(table: ParticleTable, labels, poses: Poses, assignments: di
         parts["rlnClclusterScore"] = np.asarray(poses.score, dtype=np.float64)
         if picks is not None:
             parts["rlnClclusterPickContrast"] = picks.scores
+        if surround is not None:
+            parts["rlnClclusterSurroundZ"] = surround
     return table.with_particles(parts), psi, np.stack([ox_A, oy_A], axis=1)
 
 
@@ -554,7 +584,7 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
             log.warning("%d embeddings for %d particles: no embedding map", len(embeddings), n)
         else:
             tsne = embedding_map(np.asarray(embeddings), labels, out_dir / "embedding_map.png", cfg.tsne_max_points, seed)
-    classified, psi, origin_A = classified_table(table, labels, poses, assignments, cfg, quality.picks)
+    classified, psi, origin_A = classified_table(table, labels, poses, assignments, cfg, quality.picks, quality.surround_z)
     for j in range(k):
         write_star(out_dir / "classes" / f"class_{j + 1:03d}.star", classified.subset(np.flatnonzero(labels == j)))
     sel_rows = np.flatnonzero(quality.kept if quality.kept is not None else np.isin(labels + 1, selected_classes))
@@ -573,9 +603,11 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
         + (f", seed stability >= {cfg.min_stability}" if cfg.min_stability > 0 and "stability" in q else "")
         + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}"
         + (f"; noise-like picks removed (estimated loss of other picks <= {cfg.pick_max_good_loss})"
-           if cfg.pick_max_good_loss > 0 and not cfg.select else ""),
+           if cfg.pick_max_good_loss > 0 and not cfg.select else "")
+        + (f"; picks with surround power z > {cfg.max_surround_z} removed" if quality.surround_z is not None and not cfg.select else ""),
         "noise_like_picks": int(quality.picks.noise_like.sum()) if quality.picks is not None else 0,
         "pick_contrast_threshold": _finite_or_none(quality.picks.threshold) if quality.picks is not None else None,
+        "surround_picks": int((quality.surround_z > cfg.max_surround_z).sum()) if quality.surround_z is not None and not cfg.select else 0,
         "noise_like_fraction_estimated": _finite_or_none(quality.picks.noise_fraction) if quality.picks is not None else None,
         "seed_ari": float(assignments["seed_ari"]) if assignments.get("seed_ari") is not None else None,
         "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
