@@ -4,7 +4,9 @@ Simulates realistic stacks (the ribosome map, box 64 at 5 Å/px, realistic mode)
 as the default config does (whitened) and also without whitening, and prints for each the area
 under the ROC curve of the score (good particles against each junk kind; 0.5 = no information),
 the estimated noise-like fraction and, for several `export.pick_max_good_loss` settings, the
-fraction of good particles kept and of junk removed (all junk and per kind).
+estimated and the real fraction of good particles lost and of junk removed (all junk and per
+kind), with Storey's loss estimate alone (the refinement's fit) and bounded by the model of the
+particles' scores as well (the export's selection).
 
     python benchmarks/pick_contrast.py [--particles 2000] [--ribosome PATH]
 
@@ -72,12 +74,14 @@ def report(images, kind: np.ndarray) -> None:
         for k in kinds]
     print(f"  AUC all {aucs[0]:.2f}; " + ", ".join(f"{k} {a:.2f}" for k, a in zip(kinds, aucs[1:])))
     print(f"  estimated noise-like fraction {base.noise_fraction:.2f} (empty picks {np.mean(kind == 'empty'):.2f})")
-    print("  | max_good_loss | good kept | junk removed | " + " | ".join(kinds) + " |")
-    for loss in LOSSES:
-        pc = pick_contrast(images, None, loss)
-        flag = pc.noise_like
-        print(f"  | {loss} | {1 - flag[good].mean():.3f} | {flag[~good].mean():.3f} | "
-              + " | ".join(f"{flag[kind == k].mean():.2f}" for k in kinds) + " |")
+    print("  | loss estimate | max_good_loss | estimated loss | good kept | junk removed | " + " | ".join(kinds) + " |")
+    for model in (False, True):
+        for loss in LOSSES:
+            pc = pick_contrast(images, None, loss, particle_model=model)
+            flag = pc.noise_like
+            print(f"  | {'Storey + particle model' if model else 'Storey'} | {loss} | {pc.estimated_loss:.3f} | "
+                  f"{1 - flag[good].mean():.3f} | {flag[~good].mean():.3f} | "
+                  + " | ".join(f"{flag[kind == k].mean():.2f}" for k in kinds) + " |")
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 
 from clcluster.image.imageops import gaussian_lowpass, radius_grid
-from clcluster.image.pickscore import band_weights, contrast_scores, noise_cut, null_scores, pick_contrast, shell_powers
+from clcluster.image.pickscore import (band_weights, contrast_scores, noise_cut, null_scores, particle_score_model,
+                                       pick_contrast, shell_powers)
 
 BOX = 32
 
@@ -60,15 +61,15 @@ def test_the_cut_estimates_the_noise_fraction_from_the_left_tail():
     rng = np.random.default_rng(3)
     null = rng.normal(0.0, 0.1, 5000)
     scores = np.r_[rng.normal(0.0, 0.1, 300), rng.normal(0.6, 0.15, 700)]
-    threshold, pi0 = noise_cut(scores, null, max_good_loss=0.05)
+    threshold, pi0, _ = noise_cut(scores, null, max_good_loss=0.05)
     assert 0.25 <= pi0 <= 0.35
     good_lost = (scores[300:] < threshold).mean()
     assert good_lost <= 0.08 and (scores[:300] < threshold).mean() >= 0.9
-    off, _ = noise_cut(scores, null, max_good_loss=0.0)
+    off, _, _ = noise_cut(scores, null, max_good_loss=0.0)
     assert off < threshold
     # no noise-like picks: the loss budget is not spent on particles that merely score low
     particles = rng.normal(0.6, 0.15, 1000)
-    cut, pi0 = noise_cut(particles, null, max_good_loss=0.05)
+    cut, pi0, _ = noise_cut(particles, null, max_good_loss=0.05)
     assert pi0 < 0.02 and not (particles < cut).any()
 
 
@@ -98,3 +99,19 @@ def test_the_cluster_step_fits_without_noise_like_picks_and_labels_them_all(capl
         res = cluster(features, 3, cfg, seed=0, images=images, device="cpu")
     assert "noise-like picks" in caplog.text
     assert len(res.labels) == len(images) and set(res.labels) <= {0, 1, 2}
+
+
+def test_the_particle_model_keeps_the_loss_where_particles_score_like_noise():
+    """Particles whose scores spread into the null (very low SNR): Storey's estimate counts the
+    low ones as noise-like and loses three times the setting; the fitted model of the particles'
+    scores bounds the loss."""
+    rng = np.random.default_rng(0)
+    null = rng.normal(0.0, 0.1, 5000)
+    scores = np.r_[rng.normal(0.0, 0.1, 2000), rng.normal(0.2, 0.16, 6000)]
+    storey, _, _ = noise_cut(scores, null, max_good_loss=0.05)
+    assert (scores[2000:] < storey).mean() > 0.1
+    cut, _, estimated = noise_cut(scores, null, max_good_loss=0.05, particle_model=True)
+    assert estimated <= 0.05 and (scores[2000:] < cut).mean() <= 0.06
+    assert (scores[:2000] < cut).mean() >= 0.15  # noise-like picks still go
+    pi0, mu, sd = particle_score_model(scores, null, 0.5)
+    assert abs(pi0 - 0.25) < 0.08 and abs(mu - 0.2) < 0.03 and abs(sd - 0.16) < 0.02  # overlap: pi0 is loose

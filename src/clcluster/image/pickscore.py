@@ -23,6 +23,13 @@ a threshold from a noise model instead of a hand-set value:
    a stack without noise-like picks loses none.
    The estimate counts particles that score like noise into pi0, so the real loss can exceed it
    at very low SNR (docs/realistic.md measures it).
+6. With `particle_model` (the export's selection): a second estimate of the loss from a fitted
+   model of the particles' scores, a normal distribution N(mu, sd) in the mixture
+   pi0 f0 + (1 - pi0) N(mu, sd) (f0: the null's density; EM), whose left tail below t is the loss;
+   the cut keeps the larger of the two estimates within `max_good_loss`. Storey's estimate fails
+   where particles score like noise, the normal one where their scores have a heavy left tail;
+   the larger is the conservative one. The refinement's fit, which only leaves the picks out of
+   the fit and labels them afterwards, uses Storey's alone.
 
 All images are (n, D, D) working-box pixels; radii in pixels.
 """
@@ -32,6 +39,7 @@ import dataclasses
 import logging
 
 import numpy as np
+from scipy.special import ndtr
 
 from clcluster.image.imageops import BACKGROUND_RADIUS_FRACTION, circular_mask, radial_shells
 
@@ -41,6 +49,8 @@ NULL_TAIL_QUANTILE = 0.2  # Storey's lambda: the null quantile below which picks
 NULL_MAX_QUANTILE = 0.99  # never cut above this quantile of the noise-only scores
 MIN_NOISE_SHARE = 0.5  # the picks cut must be estimated noise-like for at least this share
 MIN_PICKS = 50  # fewer picks: no screen (the band and pi0 need a stack)
+NULL_DENSITY_BINS = 100  # histogram bins of the null's density in the particle model's mixture
+MIXTURE_ITERATIONS = 300
 
 
 @dataclasses.dataclass
@@ -50,6 +60,7 @@ class PickContrast:
     threshold: float  # score cut (-inf: nothing cut)
     noise_fraction: float  # estimated fraction of noise-like picks (pi0)
     weights: np.ndarray  # (D//2+1,) particle-band weight per Fourier shell
+    estimated_loss: float = float("nan")  # estimated fraction of the other picks below the threshold
 
 
 def shell_powers(images, radius_px: float, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -98,28 +109,60 @@ def null_scores(background: np.ndarray, weights: np.ndarray, box: int, radius_px
     return contrast_scores(*shell_powers(noise, radius_px), weights)
 
 
-def noise_cut(scores: np.ndarray, null: np.ndarray, max_good_loss: float) -> tuple[float, float]:
-    """(threshold, pi0): the highest score cut at which the estimated loss of picks that are not
-    noise stays within `max_good_loss` (fraction) and at least MIN_NOISE_SHARE of the picks below
-    the cut are estimated noise-like (pi0 F0(t) >= 0.5 F(t): a stack without noise-like picks
-    loses none), and the estimated noise-like fraction pi0."""
+def particle_score_model(scores: np.ndarray, null: np.ndarray, pi0: float) -> tuple[float, float, float]:
+    """(pi0, mu, sd): the mixture pi0 f0 + (1 - pi0) N(mu, sd) fitted to scores (n,) by EM, f0
+    the density of the null scores (a histogram), started from Storey's pi0."""
+    density, edges = np.histogram(null, bins=NULL_DENSITY_BINS, density=True)
+    f0 = np.interp(scores, 0.5 * (edges[1:] + edges[:-1]), density, left=0.0, right=0.0)
+    pi0 = float(np.clip(pi0, 0.01, 0.99))
+    mu, sd = float(np.median(scores)), float(np.std(scores)) + 1e-12
+    for _ in range(MIXTURE_ITERATIONS):
+        f1 = np.exp(-0.5 * ((scores - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))
+        noise = pi0 * f0 / np.maximum(pi0 * f0 + (1 - pi0) * f1, 1e-300)
+        pi0 = float(np.clip(noise.mean(), 0.0, 1.0 - 1e-6))
+        w = 1.0 - noise
+        mu = float((w * scores).sum() / max(w.sum(), 1e-12))
+        sd = float(np.sqrt((w * (scores - mu) ** 2).sum() / max(w.sum(), 1e-12))) + 1e-12
+    return pi0, mu, sd
+
+
+def normal_cdf(x: np.ndarray, mu: float, sd: float) -> np.ndarray:
+    """The normal CDF of N(mu, sd) at x."""
+    return ndtr((np.asarray(x, dtype=np.float64) - mu) / sd)
+
+
+def noise_cut(scores: np.ndarray, null: np.ndarray, max_good_loss: float,
+              particle_model: bool = False) -> tuple[float, float, float]:
+    """(threshold, pi0, estimated loss at the threshold): the highest score cut at which the
+    estimated loss of picks that are not noise stays within `max_good_loss` (fraction) and at
+    least MIN_NOISE_SHARE of the picks below the cut are estimated noise-like (pi0 F0(t) >= 0.5
+    F(t): a stack without noise-like picks loses none), and Storey's noise-like fraction pi0.
+    particle_model: the loss is the larger of Storey's estimate and the fitted normal model's
+    (module docstring, step 6)."""
     null = np.sort(null)
     pi0 = min(1.0, float(np.mean(scores < np.quantile(null, NULL_TAIL_QUANTILE))) / NULL_TAIL_QUANTILE)
     if pi0 >= 1.0:
-        return -np.inf, pi0
+        return -np.inf, pi0, 0.0
     sorted_scores = np.sort(scores)
     candidates = sorted_scores[sorted_scores <= np.quantile(null, NULL_MAX_QUANTILE)]
     below_all = np.searchsorted(sorted_scores, candidates, side="left") / len(scores)
     below_null = np.searchsorted(null, candidates, side="left") / len(null)
     loss = (below_all - pi0 * below_null) / (1.0 - pi0)
+    if particle_model and len(candidates):
+        _, mu, sd = particle_score_model(scores, null, pi0)
+        loss = np.maximum(loss, normal_cdf(candidates, mu, sd))
     mostly_noise = pi0 * below_null >= MIN_NOISE_SHARE * below_all
     within = np.flatnonzero((loss <= max_good_loss) & mostly_noise)
-    return (float(candidates[within[-1]]) if len(within) else -np.inf), pi0
+    if not len(within):
+        return -np.inf, pi0, 0.0
+    return float(candidates[within[-1]]), pi0, float(loss[within[-1]])
 
 
-def pick_contrast(images, radius_px: float | None, max_good_loss: float, seed: int = 0, batch: int = 1024) -> PickContrast:
+def pick_contrast(images, radius_px: float | None, max_good_loss: float, seed: int = 0, batch: int = 1024,
+                  particle_model: bool = False) -> PickContrast:
     """Score every pick of `images` (n, D, D) array-like and flag the noise-like ones (module
-    docstring); radius_px: the particle radius (None or <= 0: BACKGROUND_RADIUS_FRACTION x box)."""
+    docstring); radius_px: the particle radius (None or <= 0: BACKGROUND_RADIUS_FRACTION x box);
+    particle_model: bound the loss by the fitted model of the particles' scores as well (step 6)."""
     box = images.shape[-1]
     radius_px = radius_px if radius_px and radius_px > 0 else BACKGROUND_RADIUS_FRACTION * box
     inner, outer = shell_powers(images, radius_px, batch)
@@ -132,5 +175,5 @@ def pick_contrast(images, radius_px: float | None, max_good_loss: float, seed: i
                         "than around it; no pick is screened as noise-like")
         return PickContrast(scores, none, -np.inf, float("nan"), weights)
     null = null_scores(np.median(outer, axis=0), weights, box, radius_px, max(len(scores), 2000), seed)
-    threshold, pi0 = noise_cut(scores, null, max_good_loss)
-    return PickContrast(scores, scores < threshold, threshold, pi0, weights)
+    threshold, pi0, loss = noise_cut(scores, null, max_good_loss, particle_model)
+    return PickContrast(scores, scores < threshold, threshold, pi0, weights, loss)

@@ -419,7 +419,7 @@ def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, se
     `cfg.pick_max_good_loss` > 0, noise-like picks leave particles_selected. Adds each class's
     noise-like fraction to the quality table (`noise_like`)."""
     loss = 0.0 if cfg.select else cfg.pick_max_good_loss
-    picks = pick_contrast(images, particle_radius_px, loss, seed, cfg.batch_size * 4)
+    picks = pick_contrast(images, particle_radius_px, loss, seed, cfg.batch_size * 4, particle_model=True)
     counts = np.bincount(labels, minlength=k)
     table = quality.table.copy()
     table["noise_like"] = np.bincount(labels, weights=picks.noise_like, minlength=k) / np.maximum(counts, 1)
@@ -608,6 +608,7 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
         "noise_like_picks": int(quality.picks.noise_like.sum()) if quality.picks is not None else 0,
         "pick_contrast_threshold": _finite_or_none(quality.picks.threshold) if quality.picks is not None else None,
         "surround_picks": int((quality.surround_z > cfg.max_surround_z).sum()) if quality.surround_z is not None and not cfg.select else 0,
+        "pick_loss_estimated": _finite_or_none(quality.picks.estimated_loss) if quality.picks is not None else None,
         "noise_like_fraction_estimated": _finite_or_none(quality.picks.noise_fraction) if quality.picks is not None else None,
         "seed_ari": float(assignments["seed_ari"]) if assignments.get("seed_ari") is not None else None,
         "averages": {"box": int(averages.full.shape[-1]), "apix_A": averages.apix,
