@@ -418,6 +418,7 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 # robust z-scores need a spread: at least this many non-empty classes, and a floor on the spread
 # as a fraction of the median class's mean NCC: classes of different views differ by a few per
 # cent in how well their members match (more or less structure), which is no sign of junk
+MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 MIN_CLASSES_FOR_COHERENCE = 5
 MIN_RELATIVE_SPREAD = 0.05
 # energy_concentration: the share of a class average's contrast energy in its most extreme 5 % of
@@ -425,7 +426,6 @@ MIN_RELATIVE_SPREAD = 0.05
 # of one map differ by a third (0.26-0.41 over the 20 classes of a perfect partition of the ribosome,
 # where white noise gives 0.28), so only a class far beyond that is an outlier
 CONCENTRATION_TOP = 0.05
-MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 CONCENTRATION_MIN_RELATIVE_SPREAD = 0.2
 
 

@@ -26,6 +26,7 @@ from clcluster.em.align import to_reference_frame
 from clcluster.em.averages import aligned_means, robust_z
 from clcluster.image.imageops import circular_mask, radial_shells
 
+
 def band_filter(shell_weights: np.ndarray, box: int) -> np.ndarray:
     """(box, box//2+1) rFFT amplitude filter sqrt(w(s)) of the per-shell band weights (box//2+1,)."""
     return np.sqrt(np.clip(shell_weights, 0.0, None))[radial_shells(box)]

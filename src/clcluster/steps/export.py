@@ -377,7 +377,7 @@ class Quality:
     resolution_A: np.ndarray  # (k,), NaN for classes of fewer than 2 particles
     curves: np.ndarray  # (k, box//2+1) FRC of the half-set averages
     order: np.ndarray  # classes, best ranked first (0-based)
-    kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued - noise-like)
+    kept: np.ndarray | None = None  # (n,) bool particles for particles_selected (selected classes + rescued - noise-like - surround)
     rescued: int = 0  # particles of junk-suggested classes kept (`rescue_particles`)
     picks: PickContrast | None = None  # per-pick contrast and noise-like flags (`screen_picks`)
     surround_z: np.ndarray | None = None  # (n,) robust z of the unexplained power around each pick (`screen_surround`)
@@ -444,7 +444,8 @@ def screen_surround(images, labels, k: int, poses: Poses, quality: Quality, cfg:
     z = surround_z(power)
     flagged = np.zeros(len(z), dtype=bool) if cfg.select else z > cfg.max_surround_z
     table = quality.table.copy()
-    table["surround_flagged"] = np.bincount(labels, weights=flagged, minlength=k) / np.maximum(np.bincount(labels, minlength=k), 1)
+    counts = np.maximum(np.bincount(labels, minlength=k), 1)
+    table["surround_flagged"] = np.bincount(labels, weights=flagged, minlength=k) / counts
     log.info("surround power: %d of %d picks above robust z %.2f (%d of them still selected)", int(flagged.sum()),
              len(z), cfg.max_surround_z, int((flagged & quality.kept).sum()))
     return dataclasses.replace(quality, table=table, kept=quality.kept & ~flagged, surround_z=z)
@@ -604,10 +605,12 @@ def write_particles(out_dir: Path, table, labels, k: int, poses: Poses, averages
         + f"; particles of other classes rescued at NCC quantile {cfg.rescue_quantile}"
         + (f"; noise-like picks removed (estimated loss of other picks <= {cfg.pick_max_good_loss})"
            if cfg.pick_max_good_loss > 0 and not cfg.select else "")
-        + (f"; picks with surround power z > {cfg.max_surround_z} removed" if quality.surround_z is not None and not cfg.select else ""),
+        + (f"; picks with surround power z > {cfg.max_surround_z} removed"
+           if quality.surround_z is not None and not cfg.select else ""),
         "noise_like_picks": int(quality.picks.noise_like.sum()) if quality.picks is not None else 0,
         "pick_contrast_threshold": _finite_or_none(quality.picks.threshold) if quality.picks is not None else None,
-        "surround_picks": int((quality.surround_z > cfg.max_surround_z).sum()) if quality.surround_z is not None and not cfg.select else 0,
+        "surround_picks": int((quality.surround_z > cfg.max_surround_z).sum())
+        if quality.surround_z is not None and not cfg.select else 0,
         "pick_loss_estimated": _finite_or_none(quality.picks.estimated_loss) if quality.picks is not None else None,
         "noise_like_fraction_estimated": _finite_or_none(quality.picks.noise_fraction) if quality.picks is not None else None,
         "seed_ari": float(assignments["seed_ari"]) if assignments.get("seed_ari") is not None else None,
