@@ -352,6 +352,8 @@ def test_pick_contrast_is_written_and_noise_like_picks_leave_the_selection(run):
     if threshold is not None:
         assert abs(summary["noise_like_picks"] - int((contrast < threshold).sum())) <= 1
     assert summary["noise_like_picks"] <= 0.1 * len(names)
+    if summary["pick_loss_estimated"] is not None:
+        assert 0 <= summary["pick_loss_estimated"] <= 0.05  # the default export.pick_max_good_loss
 
 
 def test_surround_z_is_written_and_crowded_picks_leave_the_selection(run):
