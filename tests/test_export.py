@@ -265,6 +265,23 @@ def test_coherence_flags_a_catch_all_class():
     assert q["coherence_z"].isna().all() and q["suggestion"].eq("good").all()
 
 
+def test_an_incoherent_class_is_junk_only_where_it_holds_noise_like_picks():
+    """With the pick screen's flags, a class of low coherence whose picks are not noise-like (weak
+    particles matching a blurred average) stays; one holding far more noise-like picks than the
+    screen may take of real particles (5 %) is junk."""
+    labels = np.repeat(np.arange(8), 40)
+    ncc = np.repeat([0.30, 0.31, 0.29, 0.32, 0.30, 0.28, 0.31, 0.15], 40)
+    res = np.full(8, 15.0)
+    clean = np.zeros(len(labels), bool)
+    clean[[5, 90, 300]] = True  # a few noise-like picks, one of them in the incoherent class
+    q = class_quality(labels, 8, res, score=ncc, min_coherence_z=-3.0, noise_like=clean, noise_allowance=0.05)
+    assert q["suggestion"].eq("good").all() and q["noise_excess_z"].max() < 3
+    junky = clean.copy()
+    junky[280:296] = True  # 16 of the class's 40 picks noise-like
+    q = class_quality(labels, 8, res, score=ncc, min_coherence_z=-3.0, noise_like=junky, noise_allowance=0.05)
+    assert q["suggestion"].tolist() == ["good"] * 7 + ["junk"] and q["noise_excess_z"].iloc[7] > 3
+
+
 def test_concentration_flags_a_class_average_that_is_a_compact_spot():
     """Clean projections of eight views and one average that is a compact bright blob off the
     centre (an ice blob class), all with a little noise: only the blob's contrast energy is

@@ -420,6 +420,7 @@ def split_halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 # cent in how well their members match (more or less structure), which is no sign of junk
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution times this is its standard deviation
 MIN_CLASSES_FOR_COHERENCE = 5
+NOISE_EXCESS_Z = 3.0  # a class holds more noise-like picks than real particles would: binomial z above this
 MIN_RELATIVE_SPREAD = 0.05
 # energy_concentration: the share of a class average's contrast energy in its most extreme 5 % of
 # pixels, and the least spread of its robust z (a fraction of the median class's share): the views
@@ -443,6 +444,16 @@ def robust_z(values: np.ndarray, counts: np.ndarray, min_relative_spread: float 
     spread = max(MAD_TO_SIGMA * np.median(np.abs(m[ok] - med)), min_relative_spread * abs(med), 1e-12)
     z[ok] = (m[ok] - med) / spread
     return z
+
+
+def noise_excess_z(labels: np.ndarray, k: int, noise_like: np.ndarray, allowance: float) -> np.ndarray:
+    """(k,) binomial z of each class's count of noise-like picks (noise_like (n,) bool) against
+    the share `allowance` (0..1) that real particles may have; NaN for empty classes."""
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    flagged = np.bincount(labels, weights=np.asarray(noise_like, dtype=np.float64), minlength=k)
+    p = float(np.clip(allowance, 1e-3, 0.5))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (flagged - counts * p) / np.sqrt(counts * p * (1 - p)), np.nan)
 
 
 def coherence_z(mean_ncc: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -471,7 +482,8 @@ def energy_concentration(averages: np.ndarray, radius_px: float, top_fraction: f
 def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance=None, margin=None, score=None,
                   junk_resolution_A: float = 0.0, min_class_fraction: float = 0.01, select=None,
                   min_coherence_z: float | None = None, concentration=None,
-                  max_concentration_z: float | None = None) -> pd.DataFrame:
+                  max_concentration_z: float | None = None, noise_like=None,
+                  noise_allowance: float = 0.05) -> pd.DataFrame:
     """One row per class (1-based `class`): size, fraction, resolution (Å), mean particle-to-
     centroid distance and margin, mean NCC with the average; `rank` (1 = best: finest
     resolution, then largest), automatic `suggestion` (junk when smaller than
@@ -479,7 +491,12 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     else good) and
     `selected` (the user's list `select` when given, else the suggestion; never empty: the best
     ranked class is kept when nothing else is). `coherence_z`: `coherence_z` of the mean NCC; with
-    `min_coherence_z` (a number, e.g. -3) classes below it are also suggested as junk.
+    `min_coherence_z` (a number, e.g. -3) classes below it are also suggested as junk; where the
+    picks' noise-like flags `noise_like` (n,) bool are given, only those of them that also hold
+    more noise-like picks than real particles would (`noise_excess_z` > NOISE_EXCESS_Z, a binomial
+    z against the share `noise_allowance` that the pick screen may take of real particles): a
+    class of weak particles resembles its blurred average poorly too, but its picks are not
+    noise-like.
     `concentration_z`: `robust_z` of the averages' `energy_concentration` (K,) where given (spread
     at least CONCENTRATION_MIN_RELATIVE_SPREAD of the median); with
     `max_concentration_z` (e.g. 3) classes above it (a compact spot: ice, beads) are suggested as
@@ -510,7 +527,11 @@ def class_quality(labels: np.ndarray, k: int, resolution_A: np.ndarray, distance
     if junk_resolution_A > 0:
         junk |= q["resolution_A"].fillna(np.inf) > junk_resolution_A
     if min_coherence_z is not None:
-        junk |= q["coherence_z"].fillna(np.inf).to_numpy() < min_coherence_z
+        incoherent = q["coherence_z"].fillna(np.inf).to_numpy() < min_coherence_z
+        if noise_like is not None:
+            q["noise_excess_z"] = noise_excess_z(labels, k, noise_like, noise_allowance)
+            incoherent &= q["noise_excess_z"].to_numpy() > NOISE_EXCESS_Z
+        junk |= incoherent
     if concentration is not None:
         q["concentration_z"] = robust_z(concentration, counts, CONCENTRATION_MIN_RELATIVE_SPREAD)
         if max_concentration_z is not None:

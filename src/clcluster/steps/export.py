@@ -42,7 +42,7 @@ from clcluster.em.averages import (
 from clcluster.em.poses import refine_array, refine_original
 from clcluster.em.surround import surround_power, surround_z
 from clcluster.image.imageops import BACKGROUND_RADIUS_FRACTION
-from clcluster.image.pickscore import PickContrast, pick_contrast
+from clcluster.image.pickscore import MIN_PICKS, PickContrast, pick_contrast
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import StackError, write_stack
 from clcluster.io.star import ParticleTable, write_star
@@ -384,9 +384,11 @@ class Quality:
 
 
 def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
-                   particle_radius_A: float | None = None) -> Quality:
+                   particle_radius_A: float | None = None, noise_like: np.ndarray | None = None) -> Quality:
     """Half-set FRC resolution, per-class quality, ranking and selection; the averages' energy
-    concentration inside the particle radius (Å; None: BACKGROUND_RADIUS_FRACTION x box)."""
+    concentration inside the particle radius (Å; None: BACKGROUND_RADIUS_FRACTION x box); with the
+    picks' noise-like flags (n,) (the pick screen on), a class of low coherence is junk only where
+    it also holds more noise-like picks than real particles would (`averages.class_quality`)."""
     counts = np.bincount(labels, minlength=k)
     res_A, curves = half_set_resolution(averages.halves, averages.apix, cfg.frc_threshold)
     res_A = np.where(counts >= 2, res_A, np.nan)
@@ -394,7 +396,8 @@ def assess_quality(labels, k: int, averages: Averages, poses: Poses, assignments
     radius_px = particle_radius_A / averages.apix if particle_radius_A else BACKGROUND_RADIUS_FRACTION * box
     q = class_quality(labels, k, res_A, assignments.get("distance"), assignments.get("margin"), poses.score,
                       cfg.junk_resolution_A, cfg.min_class_fraction, cfg.select, cfg.min_coherence_z,
-                      energy_concentration(averages.full, radius_px), cfg.max_concentration_z)
+                      energy_concentration(averages.full, radius_px), cfg.max_concentration_z,
+                      noise_like, cfg.pick_max_good_loss)
     q = add_stability(q, assignments.get("stability"), cfg.min_stability, bool(cfg.select))
     return Quality(q, res_A, curves, np.argsort(q["rank"].to_numpy()))
 
@@ -412,14 +415,18 @@ def rescue(images, labels, poses: Poses, quality: Quality, cfg: ExportConfig, wo
     return dataclasses.replace(quality, kept=r.kept, rescued=int((r.kept & ~selected[labels]).sum()))
 
 
-def screen_picks(images, labels, k: int, quality: Quality, cfg: ExportConfig, seed: int,
-                 particle_radius_px: float | None = None) -> Quality:
-    """quality: as `rescue` returns it (kept set). Score every pick's contrast (`image.pickscore`; disc of particle_radius_px, None: 0.375 x
-    box, RELION's background radius); with the automatic selection and
-    `cfg.pick_max_good_loss` > 0, noise-like picks leave particles_selected. Adds each class's
-    noise-like fraction to the quality table (`noise_like`)."""
+def score_picks(images, cfg: ExportConfig, seed: int, particle_radius_px: float | None = None) -> PickContrast:
+    """Every pick's contrast (`image.pickscore`; disc of particle_radius_px, None: 0.375 x box,
+    RELION's background radius) and, with the automatic selection and `cfg.pick_max_good_loss` >
+    0, its noise-like flag (the cut's loss bounded by the model of the particles' scores too)."""
     loss = 0.0 if cfg.select else cfg.pick_max_good_loss
-    picks = pick_contrast(images, particle_radius_px, loss, seed, cfg.batch_size * 4, particle_model=True)
+    return pick_contrast(images, particle_radius_px, loss, seed, cfg.batch_size * 4, particle_model=True)
+
+
+def screen_picks(labels, k: int, quality: Quality) -> Quality:
+    """quality: as `rescue` returns it (kept set; `picks` from `score_picks`). Noise-like picks
+    leave particles_selected. Adds each class's noise-like fraction to the quality table (`noise_like`)."""
+    picks = quality.picks
     counts = np.bincount(labels, minlength=k)
     table = quality.table.copy()
     table["noise_like"] = np.bincount(labels, weights=picks.noise_like, minlength=k) / np.maximum(counts, 1)
@@ -453,12 +460,15 @@ def screen_surround(images, labels, k: int, poses: Poses, quality: Quality, cfg:
 
 def select_particles(images, labels, k: int, averages: Averages, poses: Poses, assignments: dict, cfg: ExportConfig,
                      work_apix: float, device: str, seed: int, particle_radius_px: float | None = None) -> Quality:
-    """The automatic selection (or the user's list): `assess_quality` -> `rescue` -> `screen_picks`
-    -> `screen_surround`; particle_radius_px: at the working pixel size work_apix (Å/px)."""
+    """The automatic selection (or the user's list): `score_picks` -> `assess_quality` -> `rescue` ->
+    `screen_picks` -> `screen_surround`; particle_radius_px: at the working pixel size work_apix (Å/px)."""
     radius_A = particle_radius_px * work_apix if particle_radius_px else None
-    quality = assess_quality(labels, k, averages, poses, assignments, cfg, radius_A)
-    quality = rescue(images, labels, poses, quality, cfg, work_apix, device)
-    quality = screen_picks(images, labels, k, quality, cfg, seed, particle_radius_px)
+    picks = score_picks(images, cfg, seed, particle_radius_px)
+    screen_on = cfg.pick_max_good_loss > 0 and not cfg.select and len(picks.scores) >= MIN_PICKS
+    quality = assess_quality(labels, k, averages, poses, assignments, cfg, radius_A,
+                             picks.noise_like if screen_on else None)
+    quality = rescue(images, labels, poses, dataclasses.replace(quality, picks=picks), cfg, work_apix, device)
+    quality = screen_picks(labels, k, quality)
     return screen_surround(images, labels, k, poses, quality, cfg, work_apix, particle_radius_px)
 
 
