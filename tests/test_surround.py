@@ -62,3 +62,10 @@ def test_the_class_average_explains_the_particle_beyond_the_radius():
     wrong = surround_power(images, labels, 1, scrambled, shift, small, weights, batch=100)
     assert np.median(wrong) > 1.2 * np.median(power)  # wrong poses blur the average: the particle is left over
     assert (surround_z(power) > 2.5).mean() <= 0.03
+
+
+def test_a_disc_that_fills_the_box_gives_no_score():
+    images, angle, shift, _ = stack(20, 0, seed=3)
+    weights = band_weights(*shell_powers(images, RADIUS))
+    power = surround_power(images, np.zeros(20, int), 1, angle, shift, BOX, weights)  # radius = box: no corners
+    assert np.isnan(power).all() and np.isnan(surround_z(power)).all()

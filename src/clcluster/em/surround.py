@@ -26,6 +26,8 @@ from clcluster.em.align import to_reference_frame
 from clcluster.em.averages import aligned_means, robust_z
 from clcluster.image.imageops import circular_mask, radial_shells
 
+MIN_OUTSIDE_PIXELS = 16  # fewer pixels around the particle radius: no surround power
+
 
 def band_filter(shell_weights: np.ndarray, box: int) -> np.ndarray:
     """(box, box//2+1) rFFT amplitude filter sqrt(w(s)) of the per-shell band weights (box//2+1,)."""
@@ -40,13 +42,16 @@ def _band(images: np.ndarray, filt: np.ndarray) -> np.ndarray:
 def surround_power(images, labels: np.ndarray, k: int, angle_deg, shift_px, radius_px: float,
                    shell_weights: np.ndarray, batch: int = 1024) -> np.ndarray:
     """(n,) mean band power outside the particle radius (px) of each pick of images (n, D, D)
-    (array-like, read in batches) after its class average is subtracted (module docstring).
+    (array-like, read in batches) after its class average is subtracted (module docstring); NaN
+    where the disc leaves fewer than MIN_OUTSIDE_PIXELS pixels of the box around it.
     labels (n,) 0..k-1; angle_deg (n,) degrees, shift_px (n, 2) px: the poses of the averages."""
     labels = np.asarray(labels)
     box = images.shape[-1]
     filt = band_filter(shell_weights, box)
     inside = circular_mask(box, radius_px).astype(np.float64)  # hard edge: a soft one lets the particle in
     outside = 1.0 - inside
+    if outside.sum() < MIN_OUTSIDE_PIXELS:
+        return np.full(len(labels), np.nan)
     references = _band(aligned_means(images, labels, k, angle_deg, shift_px, batch).astype(np.float64), filt)
     ref_energy = np.maximum((references ** 2 * inside).sum(axis=(1, 2)), 1e-30)
     out = np.empty(len(labels))
@@ -62,6 +67,7 @@ def surround_power(images, labels: np.ndarray, k: int, angle_deg, shift_px, radi
 
 
 def surround_z(power: np.ndarray) -> np.ndarray:
-    """(n,) robust z of log(power) (n,) over the stack (`averages.robust_z`, no spread floor)."""
+    """(n,) robust z of log(power) (n,) over the stack (`averages.robust_z`, no spread floor); NaN
+    where the power is NaN."""
     power = np.asarray(power, dtype=np.float64)
     return robust_z(np.log(np.maximum(power, 1e-300)), np.ones(len(power)), min_relative_spread=0.0)

@@ -449,6 +449,10 @@ def screen_surround(images, labels, k: int, poses: Poses, quality: Quality, cfg:
     power = surround_power(images, labels, k, poses.angle_deg, poses.shift_at(work_apix), radius_px,
                            quality.picks.weights, cfg.batch_size * 4)
     z = surround_z(power)
+    if not np.isfinite(z).any():
+        log.warning("surround power: the particle radius (%.1f px) leaves too little of the %d px box around it; "
+                    "no pick is screened for structure around it", radius_px, box)
+        return quality
     flagged = np.zeros(len(z), dtype=bool) if cfg.select else z > cfg.max_surround_z
     table = quality.table.copy()
     counts = np.maximum(np.bincount(labels, minlength=k), 1)
