@@ -26,7 +26,7 @@ import torch
 from clcluster.em.align import PolarCache, PolarGrid, align_all, class_polar_means, polar_transform, to_reference_frame
 from clcluster.image.ctf import CTF_LABELS, CTFParams, ctf_2d, ctf_states, to_ctf_weighted
 from clcluster.image.imageops import (BACKGROUND_RADIUS_FRACTION, circular_mask, fourier_shift, normalise_background,
-                                      radial_shells)
+                                      radial_shells, radius_grid)
 from clcluster.io.mrc import read_images
 from clcluster.core.rng import HALF_SETS_OFFSET
 
@@ -470,9 +470,7 @@ def energy_concentration(averages: np.ndarray, radius_px: float, top_fraction: f
     most extreme pixels, for averages (K, D, D). A view of a macromolecule spreads its contrast
     over the particle; a class of ice blobs, gold beads or hot spots puts it into a compact
     spot, and its share stands far above the other classes'."""
-    box = averages.shape[-1]
-    yy, xx = np.mgrid[:box, :box] - box // 2
-    inside = np.hypot(yy, xx) < radius_px
+    inside = radius_grid(averages.shape[-1]) < radius_px
     v = np.asarray(averages, dtype=np.float64)[:, inside]
     e = np.sort((v - v.mean(1, keepdims=True)) ** 2, axis=1)[:, ::-1]
     top = max(1, int(round(top_fraction * e.shape[1])))
