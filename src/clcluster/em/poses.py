@@ -171,8 +171,8 @@ def refine_original(table, labels, averages, angle_deg, shift_px, *, angle_range
         rows = np.arange(s, min(n, s + batch_size))
         x = read_images([paths[i] for i in rows], idx[rows], None, whole[rows])
         box = x.shape[-1]
-        x, info = _phase_correct(normalise_background(x, BACKGROUND_RADIUS_FRACTION * box).astype(np.float32), table, rows, params,
-                                 states, apix)
+        x = normalise_background(x, BACKGROUND_RADIUS_FRACTION * box).astype(np.float32)
+        x, info = _phase_correct(x, table, rows, params, states, apix)
         w = _weights(info, np.asarray(angle_deg)[rows], box, apix)
         parts.append(refine_batch(x, labels[rows], averages, np.asarray(angle_deg)[rows],
                                   np.asarray(shift_px)[rows], angle_range_deg, shift_range_px, n_angles, w))
