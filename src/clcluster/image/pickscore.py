@@ -58,7 +58,7 @@ class PickContrast:
     scores: np.ndarray  # (n,) log power ratio inside / around the particle radius in the particle band
     noise_like: np.ndarray  # (n,) bool: below the threshold
     threshold: float  # score cut (-inf: nothing cut)
-    noise_fraction: float  # estimated fraction of noise-like picks (pi0)
+    noise_fraction: float  # estimated fraction of noise-like picks (pi0); NaN where no cut ran (off, too few picks, no band)
     weights: np.ndarray  # (D//2+1,) particle-band weight per Fourier shell
     estimated_loss: float = float("nan")  # estimated fraction of the other picks below the threshold
 

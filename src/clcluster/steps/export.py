@@ -42,7 +42,7 @@ from clcluster.em.averages import (
 from clcluster.em.poses import refine_array, refine_original
 from clcluster.em.surround import surround_power, surround_z
 from clcluster.image.imageops import BACKGROUND_RADIUS_FRACTION
-from clcluster.image.pickscore import MIN_PICKS, PickContrast, pick_contrast
+from clcluster.image.pickscore import PickContrast, pick_contrast
 from clcluster.io.atomic import atomic_path, write_text
 from clcluster.io.mrc import StackError, write_stack
 from clcluster.io.star import ParticleTable, write_star
@@ -468,7 +468,7 @@ def select_particles(images, labels, k: int, averages: Averages, poses: Poses, a
     `screen_picks` -> `screen_surround`; particle_radius_px: at the working pixel size work_apix (Å/px)."""
     radius_A = particle_radius_px * work_apix if particle_radius_px else None
     picks = score_picks(images, cfg, seed, particle_radius_px)
-    screen_on = cfg.pick_max_good_loss > 0 and not cfg.select and len(picks.scores) >= MIN_PICKS
+    screen_on = bool(np.isfinite(picks.noise_fraction))  # the noise-like cut ran (pick_contrast: NaN when it did not)
     quality = assess_quality(labels, k, averages, poses, assignments, cfg, radius_A,
                              picks.noise_like if screen_on else None)
     quality = rescue(images, labels, poses, dataclasses.replace(quality, picks=picks), cfg, work_apix, device)
